@@ -1,0 +1,41 @@
+// Every CE_* environment variable ce reads, declared once: name, default, what it does.
+// Read once at start-up and passed down; `ce doctor` prints the table.
+
+export interface EnvDecl {
+  name: string;
+  flag?: string;
+  default: string;
+  doc: string;
+}
+
+export const ENV: readonly EnvDecl[] = [
+  { name: "CE_LIB", default: "", doc: "path to libce.so (default: beside the ce executable, then dist/)" },
+  { name: "CE_LIBZMQ", default: "", doc: "path to a libzmq.so.5 to use instead of the one embedded in ce" },
+  { name: "CE_LIBCUDA", default: "libcuda.so.1", doc: "CUDA driver library to dlopen" },
+  { name: "CE_LIBNCCL", default: "libnccl.so.2", doc: "NCCL library to dlopen" },
+  { name: "CE_DEVICE", flag: "--device", default: "auto", doc: "backend: cuda, cpu, or auto (cuda when a GPU is present)" },
+  { name: "CE_BUCKET_SIZE", flag: "--bucket-size", default: "auto", doc: "bucket size, e.g. 1GiB; auto sizes from GPU memory and the largest tensor" },
+  { name: "CE_SLOTS", flag: "--slots", default: "auto", doc: "IPC slots per GPU (3 overlaps H2D, broadcast and reload)" },
+  { name: "CE_TIMEOUT", flag: "--timeout", default: "10m", doc: "deadline for a whole update" },
+  { name: "CE_OP_TIMEOUT", default: "60s", doc: "deadline for one worker reply (open, load, release, finish)" },
+  { name: "CE_PIN_THREADS", default: "auto", doc: "threads that pin (cuMemHostRegister) or read a checkpoint in parallel (auto: one per core, at most 32)" },
+  { name: "CE_SHM_DIR", default: "/dev/shm", doc: "where CPU-backend slot buffers and synthetic checkpoints live" },
+  { name: "CE_PYTHON", default: "python3", doc: "Python interpreter for --worker python" },
+  { name: "CE_LOG_LEVEL", flag: "--log-level", default: "info", doc: "silent, warn, info, debug or trace" },
+] as const;
+
+export type EnvName = (typeof ENV)[number]["name"];
+
+export type Config = Record<string, string>;
+
+/** The environment's value for every declared variable, defaults filled in. */
+export function readConfig(env: Record<string, string | undefined> = process.env): Config {
+  const out: Config = {};
+  for (const decl of ENV) {
+    const value = env[decl.name];
+    out[decl.name] = value === undefined || value === "" ? decl.default : value;
+  }
+  return out;
+}
+
+export const config: Config = readConfig();

@@ -1,0 +1,101 @@
+// Logs go to stderr through one consola instance; stdout carries only results and --json.
+import { createConsola, type ConsolaInstance } from "consola";
+
+export type LogLevelName = "silent" | "warn" | "info" | "debug" | "trace";
+
+const LEVELS: Record<LogLevelName, number> = { silent: -999, warn: 1, info: 3, debug: 4, trace: 5 };
+
+export const log: ConsolaInstance = createConsola({
+  level: LEVELS.info,
+  stdout: process.stderr,
+  stderr: process.stderr,
+  formatOptions: { date: false },
+});
+
+export function setLogLevel(name: string): void {
+  const level = LEVELS[name as LogLevelName];
+  if (level === undefined) throw new Error(`unknown log level "${name}" (silent, warn, info, debug, trace)`);
+  log.level = level;
+}
+
+export function logger(tag: string): ConsolaInstance {
+  return log.withTag(tag);
+}
+
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+const KiB = 1024;
+
+/** Sizes are binary (GiB), as memory is. */
+export function formatBytes(bytes: number): string {
+  if (bytes >= GiB) return `${(bytes / GiB).toFixed(2)} GiB`;
+  if (bytes >= MiB) return `${(bytes / MiB).toFixed(1)} MiB`;
+  if (bytes >= KiB) return `${(bytes / KiB).toFixed(1)} KiB`;
+  return `${bytes} B`;
+}
+
+/** Rates are decimal (GB/s), as link speeds are quoted. */
+export function formatRate(bytes: number, seconds: number): string {
+  if (seconds <= 0) return "- GB/s";
+  return `${(bytes / seconds / 1e9).toFixed(1)} GB/s`;
+}
+
+export function gbps(bytes: number, seconds: number): number {
+  return seconds > 0 ? bytes / seconds / 1e9 : 0;
+}
+
+export function formatSeconds(seconds: number): string {
+  if (seconds < 1) return `${(seconds * 1000).toFixed(1)} ms`;
+  return `${seconds.toFixed(2)} s`;
+}
+
+/** Writes one machine-readable result to stdout. */
+export function writeJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value)}\n`);
+}
+
+export interface ProgressState {
+  done: number;
+  total: number;
+  bytesDone: number;
+  bytesTotal: number;
+  startedMs: number;
+}
+
+/**
+ * One line redrawn in place on a terminal (at most 10 times a second), a plain line every few
+ * seconds elsewhere, nothing when disabled (--json).
+ */
+export class Progress {
+  private lastDrawMs = 0;
+  private drawn = false;
+  private readonly tty: boolean;
+
+  constructor(
+    private readonly label: string,
+    private readonly enabled: boolean,
+  ) {
+    this.tty = Boolean(process.stderr.isTTY);
+  }
+
+  update(state: ProgressState): void {
+    if (!this.enabled || log.level < LEVELS.info) return;
+    const now = performance.now();
+    const interval = this.tty ? 100 : 3000;
+    if (state.done < state.total && now - this.lastDrawMs < interval) return;
+    this.lastDrawMs = now;
+    const seconds = (now - state.startedMs) / 1000;
+    const line = `${this.label} ${state.done}/${state.total}  ${formatBytes(state.bytesDone)}/${formatBytes(state.bytesTotal)}  ${formatRate(state.bytesDone, seconds)}`;
+    if (this.tty) {
+      process.stderr.write(`\r\x1b[2K${line}`);
+      this.drawn = true;
+    } else if (state.done < state.total) {
+      process.stderr.write(`${line}\n`);
+    }
+  }
+
+  end(): void {
+    if (this.drawn) process.stderr.write("\r\x1b[2K");
+    this.drawn = false;
+  }
+}
