@@ -1,0 +1,196 @@
+/*
+ * ce.h — the whole C ABI of libce, the native core of ce.
+ *
+ * libce moves checkpoint bytes from pinned host memory into GPU buffers that inference workers
+ * map through CUDA IPC (or, on the CPU backend, through shared-memory files), and broadcasts them
+ * between local GPUs with NCCL. It links no GPU library: libcuda.so.1 and libnccl.so.2 are
+ * dlopen'd at run time, so it builds with a plain C compiler and reports clearly what is missing.
+ *
+ * Rules that hold for every function (stated once, as zstd and Mooncake do):
+ *  - Every function that can fail returns int: CE_OK (0), CE_INPROGRESS (1) from polls, or a
+ *    negative CE_E_*. On failure the calling thread's last error (ce_last_error) says what failed,
+ *    on what, in the library's words. Success leaves it untouched. Status values never change
+ *    meaning once released.
+ *  - Out-params come last and are named *_out.
+ *  - Strings and arrays passed in are borrowed for the call only. Handles (ce_ctx_t, ce_buf_t)
+ *    belong to the caller until their destroy function; regions and ops are small integer ids
+ *    owned by their context.
+ *  - Nothing blocks for more than a moment unless its comment says so. Long work (pinning,
+ *    file reads, copies, broadcasts) is submitted and returns an op id; ce_op_poll collects it.
+ *  - C code never prints, exits or aborts.
+ */
+#ifndef CE_H
+#define CE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
+#define CE_ABI_VERSION 10100
+
+/* Status codes. */
+#define CE_OK 0
+#define CE_INPROGRESS 1
+#define CE_E_INVAL (-1)    /* bad argument: id, range, size */
+#define CE_E_NOLIB (-2)    /* a library could not be dlopen'd */
+#define CE_E_NOSYM (-3)    /* a required symbol is missing from a library */
+#define CE_E_VERSION (-4)  /* a library is too old */
+#define CE_E_CUDA (-5)     /* the CUDA driver reported an error */
+#define CE_E_NCCL (-6)     /* NCCL reported an error */
+#define CE_E_NOMEM (-7)    /* host or device memory exhausted */
+#define CE_E_BUSY (-8)     /* the object is in use (a region with copies in flight, a registered range) */
+#define CE_E_TIMEOUT (-9)  /* a deadline passed */
+#define CE_E_ABORTED (-10) /* the operation was aborted */
+#define CE_E_P2P (-11)     /* reserved for the transfer engines */
+#define CE_E_STATE (-12)   /* the call does not fit the object's state */
+#define CE_E_IO (-13)      /* a file could not be opened, read, mapped or created */
+
+/* Backends. */
+#define CE_BACKEND_CUDA 1
+#define CE_BACKEND_CPU 2
+
+/* ce_region_map_file flags. */
+#define CE_REGION_PIN 1 /* page-lock the mapping for DMA (cuMemHostRegister); CPU backend ignores it */
+
+/* ce_lib_path libraries. */
+#define CE_LIB_CUDA 1
+#define CE_LIB_NCCL 2
+
+#define CE_IPC_HANDLE_BYTES 64
+#define CE_NCCL_ID_BYTES 128
+#define CE_MAX_DEVICES 64
+
+/* Only the functions below are exported; libce is built with hidden visibility. */
+#define CE_API __attribute__((visibility("default")))
+
+typedef struct ce_ctx ce_ctx_t; /* one per process and backend: devices, streams, regions, ops */
+typedef struct ce_buf ce_buf_t; /* a device buffer: allocated here, or opened from another process */
+
+/* ---- version and errors ---- */
+
+/* CE_ABI_VERSION of the built library. Call it before binding anything else. */
+CE_API uint32_t ce_abi_version(void);
+/* This thread's last failure, with context. Never NULL; valid until this thread's next failure. */
+CE_API const char *ce_last_error(void);
+/* "CE_E_NCCL" for CE_E_NCCL, "CE_UNKNOWN" for values this build does not know. */
+CE_API const char *ce_status_name(int status);
+
+/* ---- libraries ---- */
+
+/* dlopen the CUDA driver (path NULL: "libcuda.so.1"), resolve every symbol, cuInit. Idempotent.
+ * Blocks for cuInit (tens of ms). */
+CE_API int ce_cuda_load(const char *path, int *driver_version_out);
+/* dlopen NCCL (path NULL: "libnccl.so.2") and resolve its symbols; needs NCCL >= 2.18. Idempotent. */
+CE_API int ce_nccl_load(const char *path, int *version_out);
+/* Whether a library (e.g. "libucp.so.0") can be dlopen'd here, and from which file: for ce doctor.
+ * CE_E_NOLIB with dlerror's words when not. Unloads it again. */
+CE_API int ce_lib_probe(const char *name, char *path, uint64_t len);
+/* The file a loaded library came from (CE_LIB_CUDA, CE_LIB_NCCL), for ce doctor. */
+CE_API int ce_lib_path(int lib, char *buf, uint64_t len);
+
+/* ---- CUDA devices (need ce_cuda_load) ---- */
+
+CE_API int ce_cuda_device_count(int *count_out);
+/* One device as a JSON object: index, name, uuid ("GPU-…"), total_bytes, free_bytes, pci_bus_id,
+ * compute capability. Retains the primary context to read free memory. */
+CE_API int ce_cuda_device_info(int ordinal, char *json, uint64_t len);
+/* Free and total memory of one device (retains its primary context). */
+CE_API int ce_cuda_mem_info(int ordinal, uint64_t *free_out, uint64_t *total_out);
+
+/* ---- contexts ---- */
+
+/* A context over ndev devices: on CUDA the given ordinals (primary contexts retained, a copy and a
+ * comm stream each); on CPU, ndev simulated devices (devices may be NULL). */
+CE_API int ce_ctx_create(int backend, const int32_t *devices, int ndev, ce_ctx_t **ctx_out);
+/* Waits for the context's ops, then frees everything still held: buffers, regions, communicators.
+ * NULL is fine. Blocks. */
+CE_API void ce_ctx_destroy(ce_ctx_t *ctx);
+/* Restarts the clock that op times are measured against; returns its host time (CLOCK_MONOTONIC, ms). */
+CE_API int ce_ctx_clock_reset(ce_ctx_t *ctx, double *host_ms_out);
+/* Counts of what the context holds: [regions, region_bytes, pinned_bytes, bufs, buf_bytes, ops]. */
+CE_API int ce_ctx_stats(ce_ctx_t *ctx, uint64_t *stats, uint64_t len);
+
+/* ---- host regions ---- */
+
+/* Allocates a page-locked host region of `bytes` (cuMemHostAlloc, portable; CPU: anonymous mmap).
+ * Async: the region id is valid at once, usable when the op completes. */
+CE_API int ce_region_alloc(ce_ctx_t *ctx, uint64_t bytes, uint32_t *region_out, uint64_t *op_out);
+/* Maps a file read-only and, with CE_REGION_PIN, page-locks the mapping in place in `threads`
+ * chunks in parallel (cuMemHostRegister, read-only, portable). The file is never modified, and its
+ * descriptor is closed before this returns. Async as above; bytes_out is the file size. */
+CE_API int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int threads, uint64_t *bytes_out,
+                       uint32_t *region_out, uint64_t *op_out);
+/* Reads `bytes` of a file at file_offset into a region at region_offset, `threads` preads in parallel. Async. */
+CE_API int ce_region_read_file(ce_ctx_t *ctx, uint32_t region, uint64_t region_offset, const char *path, uint64_t file_offset,
+                        uint64_t bytes, int threads, uint64_t *op_out);
+/* Writes into an allocated region from the caller's memory (test data, small payloads). Blocks for the memcpy. */
+CE_API int ce_region_write(ce_ctx_t *ctx, uint32_t region, uint64_t region_offset, const void *src, uint64_t bytes);
+/* Unpins and unmaps/frees a region. CE_E_BUSY while an op on it is in flight. Async (unpinning a
+ * large region takes tenths of a second); the id is invalid at once. */
+CE_API int ce_region_release(ce_ctx_t *ctx, uint32_t region, uint64_t *op_out);
+
+/* ---- device buffers ---- */
+
+/* Allocates `bytes` on local device `dev` (index into the context's devices). With ipc, another
+ * process can open it: CUDA via ce_buf_ipc_handle, CPU via a shared-memory file in shm_dir
+ * (ce_buf_path). */
+CE_API int ce_buf_alloc(ce_ctx_t *ctx, int dev, uint64_t bytes, int ipc, const char *shm_dir, ce_buf_t **buf_out);
+/* The 64-byte CUDA IPC handle of an ipc buffer (cuIpcGetMemHandle). */
+CE_API int ce_buf_ipc_handle(ce_buf_t *buf, uint8_t *handle, uint64_t len);
+/* The shared-memory file of an ipc buffer on the CPU backend. */
+CE_API int ce_buf_path(ce_buf_t *buf, char *path, uint64_t len);
+/* Opens another process's buffer from its IPC handle on local device `dev` (cuIpcOpenMemHandle). */
+CE_API int ce_buf_open_ipc(ce_ctx_t *ctx, int dev, const uint8_t *handle, uint64_t bytes, ce_buf_t **buf_out);
+/* Opens another process's CPU-backend buffer by its shared-memory file (mapped read-write). */
+CE_API int ce_buf_open_path(ce_ctx_t *ctx, const char *path, uint64_t bytes, ce_buf_t **buf_out);
+/* Frees an allocated buffer (and removes its shm file) or closes an opened one. Waits for the
+ * context's ops that use it. NULL is fine. */
+CE_API void ce_buf_destroy(ce_buf_t *buf);
+/* Copies bytes out of a buffer into caller memory. Blocks until done (tests, small reads). */
+CE_API int ce_buf_read(ce_buf_t *buf, uint64_t offset, void *dst, uint64_t bytes);
+
+/* ---- the pipeline ---- */
+
+/* H2D: copies (region, src_offset, dst_offset, bytes) quadruples from regions into buffer `dst`
+ * on its device's copy stream. Starts after op `after` (0: none) has finished. Async. */
+CE_API int ce_h2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, const uint64_t *copies, uint64_t ncopies, uint64_t after,
+                  uint64_t *op_out);
+/* D2D: copies (src_offset, dst_offset, bytes) triples from `src` into `dst` (same device) on the
+ * copy stream. Starts after op `after`. Async. */
+CE_API int ce_d2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *copies, uint64_t ncopies,
+                  uint64_t after, uint64_t *op_out);
+/* Compares `bytes` of buffer `buf` at buf_offset with region bytes at region_offset. The op's value
+ * is 0 when equal, else 1 + the offset of the first differing byte. Async. */
+CE_API int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_t region, uint64_t region_offset,
+                      uint64_t bytes, uint64_t *op_out);
+
+/* A new NCCL unique id (on the rank that creates the communicators). */
+CE_API int ce_nccl_unique_id(uint8_t *id, uint64_t len);
+/* Creates one communicator per local device, ranks first_rank … first_rank+ndev-1 of nranks,
+ * in one NCCL group. Async: init waits for every rank. */
+CE_API int ce_nccl_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, uint64_t *op_out);
+/* Broadcast `bytes` from rank `root`'s buffer src (at src_offset; src is ignored where this host
+ * holds not the root) into dsts[i] (one per local device, at dst_offset) on the comm streams, one
+ * NCCL group. Starts after op `after`. Async; a failure or abort of any rank fails the op. */
+CE_API int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_offset, ce_buf_t *const *dsts,
+                    uint64_t ndsts, uint64_t dst_offset, uint64_t bytes, uint64_t after, uint64_t *op_out);
+/* Aborts the communicators (ncclCommAbort): in-flight broadcasts fail, a stuck peer no longer
+ * blocks. A new ce_nccl_init is needed before the next broadcast. */
+CE_API int ce_nccl_abort(ce_ctx_t *ctx);
+
+/* ---- ops ---- */
+
+/* CE_INPROGRESS while op runs; CE_OK once done (the op is then forgotten), or its error. times
+ * (2 doubles, may be NULL): start and end in ms since the context's clock reset; value (may be
+ * NULL): the op's result (region id, compare result). Never blocks. */
+CE_API int ce_op_poll(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *value);
+/* As ce_op_poll, but waits up to timeout_ms. Blocks: for tools and tests, never the event loop. */
+CE_API int ce_op_wait(ce_ctx_t *ctx, uint64_t op, int timeout_ms, double *times, uint64_t *value);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
