@@ -1,0 +1,247 @@
+"""The frames of ce's worker protocol (DESIGN.md, "Worker protocol"), parsed and checked.
+
+Pure: bytes in, typed requests out, or a ProtocolError that says what is wrong. No sockets,
+no torch. The session's states are explicit (idle -> open -> released -> finished, or aborted)
+so that a frame arriving in the wrong state gets a clear error instead of being guessed at.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+PROTOCOL_VERSION = 1
+IPC_HANDLE_BYTES = 64  # sizeof(CUipcMemHandle)
+BACKENDS = ("cuda", "cpu")
+
+
+class ProtocolError(ValueError):
+    """A frame that does not parse, lacks a field, or does not fit the session's state."""
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str
+    dtype: str  # safetensors dtype name: BF16, F8_E4M3, ...
+    shape: Tuple[int, ...]
+    offset: int  # bytes from the start of the buffer, not of the slot
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Open:
+    checkpoint: str
+    version: int
+    device_uuid: str
+    backend: str
+    buffer_bytes: int
+    slots: int
+    slot_bytes: int
+    path: str
+    handle: Optional[bytes]  # the 64-byte CUDA IPC handle (backend "cuda" only)
+    files: Tuple[str, ...] = ()  # optional extras: the checkpoint's files, bucket and tensor counts
+    buckets: Optional[int] = None
+    tensors: Optional[int] = None
+    op = "open"
+
+
+@dataclass(frozen=True)
+class Load:
+    bucket: int
+    slot: int
+    tensors: Tuple[TensorMeta, ...]
+    op = "load"
+
+
+@dataclass(frozen=True)
+class Release:
+    op = "release"
+
+
+@dataclass(frozen=True)
+class Finish:
+    op = "finish"
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+    op = "abort"
+
+
+Request = Union[Open, Load, Release, Finish, Abort]
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    OPEN = "open"
+    RELEASED = "released"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+# Which op may arrive in which state, and the state it leads to once it succeeded.
+# abort fits every live state: ce may give up before open (a trigger failed) or mid-way.
+_TRANSITIONS = {
+    (State.IDLE, "open"): State.OPEN,
+    (State.IDLE, "abort"): State.ABORTED,
+    (State.OPEN, "load"): State.OPEN,
+    (State.OPEN, "release"): State.RELEASED,
+    (State.OPEN, "abort"): State.ABORTED,
+    (State.RELEASED, "finish"): State.FINISHED,
+    (State.RELEASED, "abort"): State.ABORTED,
+}
+
+
+class Session:
+    """The state of one update session. A failed op leaves the state as it was."""
+
+    def __init__(self) -> None:
+        self.state = State.IDLE
+
+    @property
+    def done(self) -> bool:
+        return self.state in (State.FINISHED, State.ABORTED)
+
+    def check(self, request: Request) -> State:
+        """The state `request` leads to; ProtocolError if it does not fit the current one."""
+        nxt = _TRANSITIONS.get((self.state, request.op))
+        if nxt is None:
+            expected = sorted(op for (state, op) in _TRANSITIONS if state is self.state)
+            hint = f"expected {' or '.join(expected)}" if expected else "the session is over"
+            raise ProtocolError(f"op {request.op} does not fit state {self.state.value} ({hint})")
+        return nxt
+
+    def advance(self, request: Request) -> None:
+        self.state = self.check(request)
+
+
+def parse(frames: Sequence[bytes]) -> Request:
+    """One request from its frames: a JSON object with "op", plus the IPC handle for a CUDA open."""
+    if not frames:
+        raise ProtocolError("empty message")
+    try:
+        obj = json.loads(bytes(frames[0]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProtocolError(f"first frame is not UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"first frame is JSON {type(obj).__name__}, expected an object")
+    op = obj.get("op")
+    parser = _PARSERS.get(op) if isinstance(op, str) else None
+    if parser is None:
+        raise ProtocolError(f"unknown op {op!r} (expected one of {', '.join(_PARSERS)})")
+    extra = list(frames[1:])
+    if op != "open" and extra:
+        raise ProtocolError(f"op {op} takes 1 frame, got {len(frames)}")
+    return parser(obj, extra)
+
+
+def _parse_open(obj: dict, extra: list) -> Open:
+    protocol = _int(obj, "protocol")
+    if protocol != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol {protocol} is not supported (this worker speaks {PROTOCOL_VERSION})")
+    backend = _str(obj, "backend")
+    if backend not in BACKENDS:
+        raise ProtocolError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    handle = None
+    if backend == "cuda":
+        if len(extra) != 1:
+            raise ProtocolError(f"open on cuda takes 2 frames (JSON + IPC handle), got {1 + len(extra)}")
+        handle = bytes(extra[0])
+        if len(handle) != IPC_HANDLE_BYTES:
+            raise ProtocolError(f"IPC handle frame has {len(handle)} bytes, expected {IPC_HANDLE_BYTES}")
+    elif extra:
+        raise ProtocolError(f"open on cpu takes 1 frame, got {1 + len(extra)}")
+    files = obj.get("files")
+    if files is None:
+        files = []
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ProtocolError("field files must be a list of paths")
+    path = obj.get("path", "")
+    if not isinstance(path, str) or (backend == "cpu" and not path):
+        raise ProtocolError("field path must name the shared-memory file on the cpu backend")
+    return Open(
+        checkpoint=_str(obj, "checkpoint"),
+        version=_int(obj, "version"),
+        device_uuid=_str(obj, "device_uuid"),
+        backend=backend,
+        buffer_bytes=_int(obj, "buffer_bytes", minimum=1),
+        slots=_int(obj, "slots", minimum=1),
+        slot_bytes=_int(obj, "slot_bytes", minimum=1),
+        path=path,
+        handle=handle,
+        files=tuple(files),
+        buckets=_opt_int(obj, "buckets"),
+        tensors=_opt_int(obj, "tensors"),
+    )
+
+
+def _parse_load(obj: dict, extra: list) -> Load:
+    raw = obj.get("tensors")
+    if not isinstance(raw, list):
+        raise ProtocolError("field tensors must be a list")
+    metas = []
+    for i, t in enumerate(raw):
+        if not isinstance(t, dict):
+            raise ProtocolError(f"tensors[{i}] must be an object")
+        name = t.get("name")
+        where = f"tensor {name}" if isinstance(name, str) else f"tensors[{i}]"
+        try:
+            shape = t.get("shape")
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise ProtocolError("field shape must be a list of non-negative integers")
+            metas.append(TensorMeta(
+                name=_str(t, "name"), dtype=_str(t, "dtype"), shape=tuple(shape),
+                offset=_int(t, "offset"), nbytes=_int(t, "nbytes"),
+            ))
+        except ProtocolError as e:
+            raise ProtocolError(f"{e} ({where})") from None
+    return Load(bucket=_int(obj, "bucket"), slot=_int(obj, "slot"), tensors=tuple(metas))
+
+
+def _parse_abort(obj: dict, extra: list) -> Abort:
+    reason = obj.get("reason", "")
+    return Abort(reason=reason if isinstance(reason, str) else json.dumps(reason))
+
+
+_PARSERS = {
+    "open": _parse_open,
+    "load": _parse_load,
+    "release": lambda obj, extra: Release(),
+    "finish": lambda obj, extra: Finish(),
+    "abort": _parse_abort,
+}
+
+
+def ok(**fields: Any) -> bytes:
+    return json.dumps({"ok": True, **fields}).encode("utf-8")
+
+
+def error(message: str) -> bytes:
+    return json.dumps({"ok": False, "error": message}).encode("utf-8")
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # JSON true/false are bools, which Python counts as ints
+
+
+def _int(obj: dict, key: str, minimum: int = 0) -> int:
+    v = obj.get(key)
+    if not _is_int(v):
+        raise ProtocolError(f"field {key} must be an integer, got {json.dumps(v)}")
+    if v < minimum:
+        raise ProtocolError(f"field {key} must be >= {minimum}, got {v}")
+    return v
+
+
+def _opt_int(obj: dict, key: str) -> Optional[int]:
+    return None if obj.get(key) is None else _int(obj, key)
+
+
+def _str(obj: dict, key: str) -> str:
+    v = obj.get(key)
+    if not isinstance(v, str):
+        raise ProtocolError(f"field {key} must be a string, got {json.dumps(v)}")
+    return v

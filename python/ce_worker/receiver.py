@@ -1,0 +1,269 @@
+"""Serve one update session for any torch engine: open -> load* -> release -> finish.
+
+The engine gives a `load_fn(weights)` that copies a bucket out of ce's buffer into its own
+parameters; `weights` is a list of (name, tensor) whose tensors are zero-copy views into the
+buffer with dtype and shape applied. The reply to a load hands the slot back to ce for refilling,
+so it is sent only after load_fn returned and the current stream has been synchronized.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from . import dtypes, protocol
+from .cuda_ipc import Mapping as BufferMapping
+from .cuda_ipc import map_buffer
+from .protocol import Abort, Finish, Load, Open, ProtocolError, Release
+from .transport import Socket, connect_rep
+
+log = logging.getLogger("ce_worker")
+
+Weights = List[Tuple[str, torch.Tensor]]
+LoadFn = Callable[[Weights], None]
+PostHook = Callable[[Open], Optional[dict]]  # gets the session's open frame; may add reply fields
+
+POLL_STEP_S = 0.2  # how often a waiting worker checks its stop condition
+FINAL_LINGER_S = 2.0  # time the last reply gets to leave before the socket closes
+
+
+class SessionTimeout(TimeoutError):
+    """ce sent no request within the deadline; the mapping has been dropped."""
+
+
+class Stopped(Exception):
+    """The stop condition became true while waiting for ce; the mapping has been dropped."""
+
+
+def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
+                            device: Optional[torch.device] = None, op_timeout_s: float = 120.0,
+                            expect_uuid: Optional[str] = None, transport: Optional[str] = None) -> dict:
+    """Connect a REP socket to ce's `endpoint`, serve one session, return its summary.
+
+    load_fn(weights) is called once per bucket; post_hook(open_frame) once at finish (its dict,
+    if any, joins the finish reply). An abort from ce returns a summary with state "aborted";
+    no request for op_timeout_s raises SessionTimeout. Either way the buffer is unmapped and the
+    engine keeps serving on whatever weights it has.
+    """
+    receiver = Receiver(load_fn, post_hook, device=device, expect_uuid=expect_uuid)
+    sock = connect_rep(endpoint, backend=transport)
+    try:
+        return serve_session(sock, receiver, op_timeout_s=op_timeout_s, wait_s=op_timeout_s)
+    finally:
+        sock.close(linger_s=FINAL_LINGER_S)
+
+
+def serve_session(sock: Socket, receiver: "Receiver", *, op_timeout_s: float = 120.0,
+                  wait_s: Optional[float] = None, stop: Optional[Callable[[], bool]] = None) -> dict:
+    """Answer requests on `sock` until the session finishes or aborts.
+
+    wait_s bounds the wait for the first request (None: no bound); op_timeout_s every later one.
+    stop() is checked while waiting; when it turns true, Stopped is raised.
+    """
+    first = True
+    try:
+        while not receiver.session.done:
+            frames = _recv(sock, wait_s if first else op_timeout_s, stop)
+            if frames is None:
+                limit = wait_s if first else op_timeout_s
+                raise SessionTimeout(f"no request from ce within {limit:g} s "
+                                     f"(session {receiver.session.state.value}, endpoint {sock.endpoint})")
+            first = False
+            sock.send_multipart([receiver.handle(frames)])
+    except BaseException:
+        receiver.drop()
+        raise
+    return receiver.summary()
+
+
+def _recv(sock: Socket, timeout_s: Optional[float], stop: Optional[Callable[[], bool]]):
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        step = left if stop is None else min(POLL_STEP_S, POLL_STEP_S if left is None else left)
+        frames = sock.recv_multipart(step)
+        if frames is not None:
+            return frames
+        if stop is not None and stop():
+            raise Stopped("stopped while waiting for ce")
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+
+
+class Receiver:
+    """The worker's side of one session: one method per op, replies as bytes."""
+
+    def __init__(self, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
+                 device: Optional[torch.device] = None, expect_uuid: Optional[str] = None) -> None:
+        self.load_fn = load_fn
+        self.post_hook = post_hook
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.expect_uuid = expect_uuid
+        self.session = protocol.Session()
+        self.opened: Optional[Open] = None
+        self.mapping: Optional[BufferMapping] = None
+        self.reason = ""
+        self.buckets = self.tensors = self.bytes = 0
+        self.started = time.monotonic()
+
+    def handle(self, frames: Sequence[bytes]) -> bytes:
+        """The reply to one request. Errors become {"ok":false}; a failed op keeps the state."""
+        op = "?"
+        try:
+            request = protocol.parse(frames)
+            op = request.op
+            self.session.check(request)
+            fields = getattr(self, f"_{op}")(request) or {}
+            self.session.advance(request)
+            return protocol.ok(**fields)
+        except ProtocolError as e:
+            log.warning("bad request (op %s): %s", op, e)
+            return protocol.error(f"ProtocolError: {e}")
+        except Exception as e:
+            log.exception("op %s failed", op)
+            return protocol.error(format_error(e))
+
+    def _open(self, req: Open) -> None:
+        if self.expect_uuid is not None and req.device_uuid != self.expect_uuid:
+            raise ValueError(f"open for device {req.device_uuid} reached the worker on {self.expect_uuid}")
+        self.mapping = map_buffer(req.backend, buffer_bytes=req.buffer_bytes, handle=req.handle,
+                                  path=req.path, device=self.device)
+        self.opened = req
+        self.started = time.monotonic()
+        log.info("open %s@%d: %s buffer of %d bytes, %d slots", req.checkpoint, req.version,
+                 req.backend, req.buffer_bytes, req.slots)
+
+    def _load(self, req: Load) -> None:
+        assert self.opened is not None and self.mapping is not None  # guaranteed by the state
+        if req.slot >= self.opened.slots:
+            raise ValueError(f"slot {req.slot} is out of range (the buffer has {self.opened.slots} slots)")
+        weights = tensor_views(self.mapping.tensor, req.tensors)
+        try:
+            self.load_fn(weights)
+            _synchronize(self.device)
+        finally:
+            weights.clear()  # the views must not outlive the load: release unmaps the buffer
+        self.buckets += 1
+        self.tensors += len(req.tensors)
+        self.bytes += sum(t.nbytes for t in req.tensors)
+        log.debug("loaded bucket %d (slot %d): %d tensors", req.bucket, req.slot, len(req.tensors))
+
+    def _release(self, req: Release) -> None:
+        mapping, self.mapping = self.mapping, None
+        try:
+            mapping.close()
+        except BaseException:
+            self.mapping = mapping  # still mapped: abort tries again
+            raise
+
+    def _finish(self, req: Finish) -> Optional[dict]:
+        fields = self.post_hook(self.opened) if self.post_hook is not None else None
+        log.info("finished %s@%d: %d buckets, %d tensors, %d bytes in %.2f s", self.opened.checkpoint,
+                 self.opened.version, self.buckets, self.tensors, self.bytes, time.monotonic() - self.started)
+        return fields
+
+    def _abort(self, req: Abort) -> None:
+        self.reason = req.reason
+        log.warning("update aborted by ce: %s", req.reason or "(no reason given)")
+        self.drop()
+
+    def drop(self) -> None:
+        """Unmap the buffer if it is mapped; used on abort, timeout and stop. Never raises."""
+        mapping, self.mapping = self.mapping, None
+        if mapping is not None:
+            try:
+                mapping.close()
+            except Exception:
+                log.exception("could not unmap ce's buffer; it stays mapped")
+
+    def summary(self) -> dict:
+        out = {"state": self.session.state.value, "buckets": self.buckets, "tensors": self.tensors,
+               "bytes": self.bytes, "seconds": round(time.monotonic() - self.started, 3)}
+        if self.opened is not None:
+            out.update(checkpoint=self.opened.checkpoint, version=self.opened.version)
+        if self.session.state is protocol.State.ABORTED:
+            out["reason"] = self.reason
+        return out
+
+
+def tensor_views(buffer: torch.Tensor, metas: Sequence[protocol.TensorMeta]) -> List[Tuple[str, torch.Tensor]]:
+    """Zero-copy views into `buffer` (uint8), one per tensor, with dtype and shape applied."""
+    out = []
+    size = buffer.numel()
+    for m in metas:
+        try:
+            dt = dtypes.lookup(m.dtype)
+            want = dt.nbytes(m.shape)
+            if m.nbytes != want:
+                raise ValueError(f"{m.dtype} {list(m.shape)} needs {want} bytes, nbytes says {m.nbytes}")
+            if m.offset + m.nbytes > size:
+                raise ValueError(f"bytes [{m.offset}, {m.offset + m.nbytes}) lie outside the {size}-byte buffer")
+            raw = buffer[m.offset:m.offset + m.nbytes]
+            if dt.torch is None:
+                view = raw.view(dt.raw_shape(m.shape))
+            else:
+                view = raw.view(dt.torch).view(m.shape)
+        except Exception as e:
+            raise tag(e, m.name)
+        out.append((m.name, view))
+    return out
+
+
+def copy_bucket(params: Mapping[str, torch.Tensor], weights: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Copy a bucket into named tensors with one batched call (torch._foreach_copy_ where torch has it).
+
+    One kernel launch per bucket instead of one Python call and launch per tensor: with
+    thousands of small tensors (norms, biases) the per-call overhead would dominate.
+    """
+    dsts, srcs = [], []
+    for name, src in weights:
+        dst = params.get(name)
+        if dst is None:
+            raise tag(KeyError(name), name)
+        if dst.shape != src.shape:
+            raise tag(ValueError(f"shape {list(src.shape)} does not match the parameter's {list(dst.shape)}"), name)
+        dsts.append(dst)
+        srcs.append(src)
+    with torch.no_grad():
+        if hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            for dst, src in zip(dsts, srcs):
+                dst.copy_(src)
+
+
+def module_loader(module: torch.nn.Module) -> LoadFn:
+    """A load_fn for a plain module whose parameter and buffer names match the checkpoint's."""
+    params: Dict[str, torch.Tensor] = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return lambda weights: copy_bucket(params, weights)
+
+
+def tag(exc: BaseException, tensor: str) -> BaseException:
+    """Mark `exc` with the tensor it concerns; format_error appends it."""
+    if getattr(exc, "ce_tensor", None) is None:
+        try:
+            exc.ce_tensor = tensor
+        except AttributeError:
+            pass
+    return exc
+
+
+def format_error(exc: BaseException) -> str:
+    """The error text of a reply: "<Type>: <message> (tensor <name>)"."""
+    text = f"{type(exc).__name__}: {exc}"
+    tensor = getattr(exc, "ce_tensor", None)
+    return f"{text} (tensor {tensor})" if tensor else text
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()

@@ -1,0 +1,227 @@
+"""The receiver on the CPU backend, end to end: this test is ce (a bound REQ socket and a
+shared-memory file it fills); the worker runs in a thread with a real REP socket."""
+
+import unittest
+
+import support
+
+import torch
+
+from ce_worker import receiver
+from ce_worker.receiver import Receiver, SessionTimeout, copy_bucket, module_loader, serve_session
+from ce_worker.transport import connect_rep
+
+SLOT = 4096
+
+
+class Store:
+    """What an engine does with a bucket: copy it into parameters it owns."""
+
+    def __init__(self):
+        self.params = {}
+        self.calls = []
+
+    def load(self, weights):
+        self.calls.append([name for name, _ in weights])
+        for name, t in weights:
+            self.params[name] = t.clone()
+
+
+class Session:
+    """One worker session in a background thread, and ce talking to it."""
+
+    def __init__(self, test, load_fn, post_hook=None, op_timeout_s=10.0, wait_s=10.0, **kw):
+        self.ce = support.Ce()
+        self.buf = support.ShmBuffer(2 * SLOT)
+        test.addCleanup(self.buf.close)
+        test.addCleanup(self.ce.close)
+        self.receiver = Receiver(load_fn, post_hook, device=torch.device("cpu"), **kw)
+        sock = connect_rep(self.ce.endpoint)
+        test.addCleanup(sock.close)
+        self.worker = support.Background(
+            lambda: serve_session(sock, self.receiver, op_timeout_s=op_timeout_s, wait_s=wait_s))
+
+
+class ReceiverTest(unittest.TestCase):
+    def test_a_whole_update_arrives_bit_exact(self):
+        store = Store()
+        s = Session(self, store.load, lambda opened: {"engine": opened.checkpoint})
+        tensors = support.sample_tensors(seed=2)
+        # Small slots, so that the sample spans several buckets and both slots.
+        self.assertEqual(s.ce.open_cpu(s.buf, slot_bytes=1024, buckets=3), {"ok": True})
+        replies = s.ce.push(s.buf, tensors, slot_bytes=1024)
+        self.assertGreater(len(replies), 1, "the sample spans several buckets")
+        self.assertTrue(all(r == {"ok": True} for r in replies), replies)
+        self.assertEqual(s.ce.request({"op": "release"}), {"ok": True})
+        self.assertEqual(s.ce.request({"op": "finish"}), {"ok": True, "engine": "test"})
+        summary = s.worker.result()
+        self.assertEqual(summary["state"], "finished")
+        self.assertEqual((summary["buckets"], summary["tensors"]), (len(replies), len(tensors)))
+        self.assertEqual(summary["bytes"], sum(t.numel() * t.element_size() for t in tensors.values()))
+        self.assertEqual(set(store.params), set(tensors))
+        for name, want in tensors.items():
+            with self.subTest(name):
+                got = store.params[name]
+                self.assertEqual((got.dtype, got.shape), (want.dtype, want.shape))
+                self.assertEqual(support.raw_bytes(got), support.raw_bytes(want))
+        self.assertIsNone(s.receiver.mapping, "release unmapped the buffer")
+
+    def test_load_fn_gets_zero_copy_views_into_the_buffer(self):
+        seen = []
+
+        def load(weights):
+            base = s.receiver.mapping.tensor.data_ptr()
+            seen.extend(base <= t.data_ptr() < base + 2 * SLOT for _, t in weights if t.numel())
+
+        s = Session(self, load)
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        s.ce.push(s.buf, support.sample_tensors(), slot_bytes=SLOT)
+        s.ce.request({"op": "abort", "reason": "done looking"})
+        s.worker.result()
+        self.assertTrue(seen and all(seen))
+
+    def test_frames_that_do_not_fit_the_state_are_refused_and_the_session_goes_on(self):
+        store = Store()
+        s = Session(self, store.load)
+        self.assertEqual(s.ce.request({"op": "load", "bucket": 0, "slot": 0, "tensors": []}),
+                         {"ok": False, "error": "ProtocolError: op load does not fit state idle "
+                                                "(expected abort or open)"})
+        self.assertFalse(s.ce.request({"op": "finish"})["ok"])
+        self.assertTrue(s.ce.open_cpu(s.buf, slot_bytes=SLOT)["ok"])
+        self.assertIn("op open does not fit state open", s.ce.open_cpu(s.buf, slot_bytes=SLOT)["error"])
+        self.assertIn("op finish does not fit state open", s.ce.request({"op": "finish"})["error"])
+        s.ce.push(s.buf, {"w": torch.ones(3)}, slot_bytes=SLOT)
+        self.assertTrue(s.ce.request({"op": "release"})["ok"])
+        self.assertIn("op load does not fit state released",
+                      s.ce.request({"op": "load", "bucket": 1, "slot": 0, "tensors": []})["error"])
+        self.assertTrue(s.ce.request({"op": "finish"})["ok"])
+        self.assertEqual(s.worker.result()["state"], "finished")
+        self.assertTrue(torch.equal(store.params["w"], torch.ones(3)))
+
+    def test_a_bad_frame_gets_an_error_reply_naming_the_problem(self):
+        s = Session(self, Store().load)
+        self.assertEqual(s.ce.request({"op": "open", "protocol": 2}),
+                         {"ok": False, "error": "ProtocolError: protocol 2 is not supported (this worker speaks 1)"})
+        self.assertIn("unknown op 'reload'", s.ce.request({"op": "reload"})["error"])
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        load = {"op": "load", "bucket": 0, "slot": 0}
+        cases = [
+            ({"name": "a", "dtype": "F32", "shape": [4], "offset": 2 * SLOT - 8, "nbytes": 16},
+             "ValueError: bytes [8184, 8200) lie outside the 8192-byte buffer (tensor a)"),
+            ({"name": "b", "dtype": "F32", "shape": [4], "offset": 0, "nbytes": 8},
+             "ValueError: F32 [4] needs 16 bytes, nbytes says 8 (tensor b)"),
+            ({"name": "c", "dtype": "X9", "shape": [4], "offset": 0, "nbytes": 4}, "unknown dtype 'X9'"),
+        ]
+        for meta, message in cases:
+            with self.subTest(meta["name"]):
+                reply = s.ce.request({**load, "tensors": [meta]})
+                self.assertFalse(reply["ok"])
+                self.assertIn(message, reply["error"])
+        self.assertIn("slot 5 is out of range", s.ce.request({**load, "slot": 5, "tensors": []})["error"])
+        s.ce.request({"op": "abort", "reason": "bad frames"})
+        self.assertEqual(s.worker.result()["state"], "aborted")
+
+    def test_an_engine_error_is_replied_with_type_message_and_tensor_and_logged_with_its_traceback(self):
+        params = {"w": torch.zeros(3)}
+        s = Session(self, lambda weights: copy_bucket(params, weights))
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        with self.assertLogs("ce_worker", "ERROR") as logs:
+            missing, = s.ce.push(s.buf, {"model.x": torch.ones(2)}, slot_bytes=SLOT)
+            shape, = s.ce.push(s.buf, {"w": torch.ones(4)}, slot_bytes=SLOT)
+        self.assertEqual(missing, {"ok": False, "error": "KeyError: 'model.x' (tensor model.x)"})
+        self.assertEqual(shape, {"ok": False, "error": "ValueError: shape [4] does not match the "
+                                                      "parameter's [3] (tensor w)"})
+        self.assertIn("Traceback", "\n".join(logs.output))
+        s.ce.request({"op": "abort", "reason": "worker failed"})
+        s.worker.result()
+
+    def test_abort_drops_the_mapping_and_ends_the_session_from_any_live_state(self):
+        for before in ([], ["open"], ["open", "load"], ["open", "load", "release"]):
+            with self.subTest(before=before):
+                s = Session(self, Store().load)
+                if "open" in before:
+                    s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+                if "load" in before:
+                    s.ce.push(s.buf, {"w": torch.ones(2)}, slot_bytes=SLOT)
+                if "release" in before:
+                    s.ce.request({"op": "release"})
+                self.assertEqual(s.ce.request({"op": "abort", "reason": "rank 2 failed"}), {"ok": True})
+                summary = s.worker.result()
+                self.assertEqual((summary["state"], summary["reason"]), ("aborted", "rank 2 failed"))
+                self.assertIsNone(s.receiver.mapping)
+
+    def test_silence_from_ce_times_the_session_out_and_unmaps(self):
+        s = Session(self, Store().load, op_timeout_s=0.3)
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        with self.assertRaisesRegex(SessionTimeout, r"no request from ce within 0.3 s \(session open"):
+            s.worker.result()
+        self.assertIsNone(s.receiver.mapping)
+
+    def test_release_refuses_to_unmap_under_a_view_the_engine_kept(self):
+        kept = []
+        s = Session(self, kept.extend)
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        s.ce.push(s.buf, {"w": torch.ones(2)}, slot_bytes=SLOT)
+        reply = s.ce.request({"op": "release"})
+        self.assertFalse(reply["ok"])
+        self.assertIn("still referenced; load_fn must copy", reply["error"])
+        self.assertIsNotNone(s.receiver.mapping, "still mapped: the kept view stays valid")
+        kept.clear()
+        self.assertEqual(s.ce.request({"op": "release"}), {"ok": True})
+        s.ce.request({"op": "finish"})
+        self.assertEqual(s.worker.result()["state"], "finished")
+
+    def test_an_open_for_another_device_is_refused(self):
+        s = Session(self, Store().load, expect_uuid="CPU-host-1")
+        reply = s.ce.open_cpu(s.buf, slot_bytes=SLOT)
+        self.assertEqual(reply["error"], "ValueError: open for device CPU-test-0 reached the worker on CPU-host-1")
+        s.ce.request({"op": "abort"})
+        s.worker.result()
+
+    def test_a_cuda_buffer_needs_a_cuda_worker(self):
+        s = Session(self, Store().load)
+        reply = s.ce.request({"op": "open", "protocol": 1, "checkpoint": "c", "version": 1, "device_uuid": "GPU-0",
+                              "backend": "cuda", "buffer_bytes": 64, "slots": 1, "slot_bytes": 64},
+                             bytes(64))
+        self.assertIn("backend cuda needs a CUDA device, this worker runs on cpu", reply["error"])
+        s.ce.request({"op": "abort"})
+        s.worker.result()
+
+
+class UpdateWeightsTest(unittest.TestCase):
+    def test_update_weights_from_ipc_loads_a_module_in_place(self):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+        before = {n: p.data_ptr() for n, p in module.state_dict().items()}
+        new = {n: torch.randn_like(p) for n, p in module.state_dict().items()}
+        ce = support.Ce()
+        buf = support.ShmBuffer(2 * SLOT)
+        self.addCleanup(buf.close)
+        self.addCleanup(ce.close)
+        hooks = []
+        worker = support.Background(lambda: receiver.update_weights_from_ipc(
+            ce.endpoint, module_loader(module), lambda opened: hooks.append(opened.version) or {"hooked": True},
+            device=torch.device("cpu"), op_timeout_s=10))
+        ce.open_cpu(buf, slot_bytes=SLOT, version=7)
+        self.assertTrue(all(r["ok"] for r in ce.push(buf, new, slot_bytes=SLOT)))
+        ce.request({"op": "release"})
+        self.assertEqual(ce.request({"op": "finish"}), {"ok": True, "hooked": True})
+        summary = worker.result()
+        self.assertEqual((summary["state"], summary["version"], hooks), ("finished", 7, [7]))
+        for name, t in module.state_dict().items():
+            self.assertTrue(torch.equal(t, new[name]), name)
+            self.assertEqual(t.data_ptr(), before[name], "copied in place")
+
+    def test_copy_bucket_copies_every_tensor_in_one_call(self):
+        params = {"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.bfloat16)}
+        copy_bucket(params, [("a", torch.ones(2, 3)), ("b", torch.full((4,), 2.0, dtype=torch.bfloat16))])
+        self.assertTrue(torch.equal(params["a"], torch.ones(2, 3)))
+        self.assertTrue(torch.equal(params["b"], torch.full((4,), 2.0, dtype=torch.bfloat16)))
+
+    def test_errors_format_as_type_message_and_tensor(self):
+        self.assertEqual(receiver.format_error(receiver.tag(ValueError("bad"), "w")), "ValueError: bad (tensor w)")
+        self.assertEqual(receiver.format_error(RuntimeError("oom")), "RuntimeError: oom")
+
+
+if __name__ == "__main__":
+    unittest.main()
