@@ -1,0 +1,94 @@
+// ce doctor: what this host has for ce, and what is missing, in one look.
+import { defineCommand } from "citty";
+import { statfsSync } from "node:fs";
+import { ENV, config } from "../config";
+import { errorMessage } from "../errors";
+import { formatBytes, writeJson } from "../log";
+import { type GpuInfo, cudaDeviceCount, cudaDeviceInfo, cudaLoad, libPath, libcePath, ncclLoad, probeLibrary } from "../native/ce";
+import { zmqLibrary } from "../native/zmq";
+import { outputArgs } from "./_args";
+
+interface Check {
+  name: string;
+  ok: boolean;
+  /** required for the GPU path; optional parts (P2P engines) never fail doctor */
+  required: boolean;
+  detail: string;
+}
+
+interface Report {
+  ok: boolean;
+  checks: Check[];
+  gpus: GpuInfo[];
+  env: { name: string; value: string; default: string; doc: string }[];
+}
+
+function probe(name: string, required: boolean, fn: () => string): Check {
+  try {
+    return { name, ok: true, required, detail: fn() };
+  } catch (err) {
+    return { name, ok: false, required, detail: errorMessage(err) };
+  }
+}
+
+export function diagnose(): Report {
+  const gpus: GpuInfo[] = [];
+  const checks: Check[] = [
+    probe("libce", true, () => libcePath()),
+    probe("libzmq", true, () => {
+      const z = zmqLibrary();
+      return `${z.version} (${z.source}: ${z.path})`;
+    }),
+    probe("CUDA driver", true, () => {
+      const { driverVersion } = cudaLoad();
+      return `CUDA ${Math.floor(driverVersion / 1000)}.${(driverVersion % 1000) / 10} (${libPath("cuda")})`;
+    }),
+    probe("GPUs", true, () => {
+      const n = cudaDeviceCount();
+      if (n === 0) throw new Error("the driver sees no GPU");
+      for (let i = 0; i < n; i++) gpus.push(cudaDeviceInfo(i));
+      return `${n}`;
+    }),
+    probe("NCCL", true, () => {
+      const { version } = ncclLoad();
+      return `${Math.floor(version / 10000)}.${Math.floor(version / 100) % 100}.${version % 100} (${libPath("nccl")})`;
+    }),
+    probe("UCX (P2P)", false, () => probeLibrary("libucp.so.0")),
+    probe("Mooncake (P2P)", false, () => probeLibrary("libtransfer_engine.so")),
+    probe("shared memory", true, () => {
+      const st = statfsSync(config.CE_SHM_DIR);
+      return `${config.CE_SHM_DIR}: ${formatBytes(Number(st.bavail) * Number(st.bsize))} free of ${formatBytes(Number(st.blocks) * Number(st.bsize))}`;
+    }),
+  ];
+  return {
+    ok: checks.every((c) => c.ok || !c.required),
+    checks,
+    gpus,
+    env: ENV.map((e) => ({ name: e.name, value: config[e.name]!, default: e.default, doc: e.doc })),
+  };
+}
+
+export default defineCommand({
+  meta: { name: "doctor", description: "check this host: CUDA driver, GPUs, NCCL, libzmq, P2P engines, shared memory" },
+  args: { ...outputArgs },
+  async run({ args }) {
+    const r = diagnose();
+    if (args.json) {
+      writeJson(r);
+    } else {
+      const out: string[] = [];
+      for (const c of r.checks) out.push(`${c.ok ? "ok  " : c.required ? "FAIL" : "--  "} ${c.name.padEnd(15)} ${c.detail}`);
+      for (const g of r.gpus) {
+        out.push(`     GPU ${g.index}: ${g.name}  ${g.uuid}  ${formatBytes(g.total_bytes)} (${formatBytes(g.free_bytes)} free)  PCI ${g.pci_bus_id}  sm_${g.compute_capability.replace(".", "")}`);
+      }
+      out.push("", "settings (CE_* environment):");
+      for (const e of r.env) out.push(`  ${e.name.padEnd(15)} ${(e.value || "(unset)").padEnd(14)} ${e.doc}`);
+      process.stdout.write(`${out.join("\n")}\n`);
+    }
+    if (!r.ok) {
+      const missing = r.checks.filter((c) => !c.ok && c.required).map((c) => c.name);
+      process.stderr.write(`ce doctor: missing for the GPU path: ${missing.join(", ")} (the CPU backend works without them)\n`);
+      process.exitCode = 1;
+    }
+  },
+});

@@ -1,0 +1,100 @@
+// ce update: one checkpoint into every worker of an engine, once, then exit.
+import { defineCommand } from "citty";
+import { type Checkpoint, openCheckpoint } from "../checkpoint";
+import { config } from "../config";
+import { UsageError } from "../errors";
+import { Progress, log, writeJson } from "../log";
+import { register, unregister } from "../registry";
+import { summaryLines, writeTrace } from "../report";
+import { openUpdater, synthesize } from "../setup";
+import { parseDuration, parseSize } from "../units";
+import { deviceArgs, outputArgs, planArgs } from "./_args";
+
+export const updateArgs = {
+  checkpoint: {
+    type: "string",
+    description: "a .safetensors file, a directory of them, or a model.safetensors.index.json",
+    valueHint: "PATH",
+  },
+  synthetic: {
+    type: "string",
+    description: "instead of --checkpoint: write a random checkpoint of this architecture's shapes (Qwen3-0.6B, Qwen3-8B, Qwen3-30B-A3B, or a shapes file) and update from it",
+    valueHint: "MODEL",
+  },
+  engine: { type: "string", description: "vllm, external, or workers (ce starts its own receivers); default: vllm with --endpoint, else workers", valueHint: "KIND" },
+  endpoint: { type: "string", description: "the engine's URL (vllm: the server, e.g. http://127.0.0.1:8000; external: the exact URL)", valueHint: "URL" },
+  worker: { type: "string", description: "with --engine workers: ref (built-in, no Python) or python (torch)", valueHint: "ref|python" },
+  verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
+  name: { type: "string", description: "checkpoint name sent to workers (default: the path's last part)", valueHint: "NAME" },
+  version: { type: "string", description: "checkpoint version number sent to workers", default: "1", valueHint: "N" },
+  timeout: { type: "string", description: `deadline for the whole update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
+  broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
+  trace: { type: "string", description: "write the per-bucket timeline as a Chrome trace (open in Perfetto)", valueHint: "FILE" },
+  ...deviceArgs,
+  ...planArgs,
+  ...outputArgs,
+} as const;
+
+export default defineCommand({
+  meta: { name: "update", description: "move a checkpoint into every worker of an inference engine, in place, and exit" },
+  args: updateArgs,
+  async run({ args }) {
+    if (!args.checkpoint === !args.synthetic) throw new UsageError("give exactly one of --checkpoint PATH and --synthetic MODEL");
+    const version = Number(args.version);
+    if (!Number.isSafeInteger(version) || version < 0) throw new UsageError(`--version "${args.version}" is not a whole number`);
+    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
+    const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
+    const slotsSpec = args.slots ?? config.CE_SLOTS;
+    const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
+    const slots = slotsSpec === "auto" ? undefined : Number(slotsSpec);
+
+    let ckpt: Checkpoint;
+    let remove = () => {};
+    if (args.synthetic) {
+      const synth = await synthesize(args.synthetic, version);
+      ckpt = synth.ckpt;
+      remove = synth.remove;
+    } else {
+      ckpt = await openCheckpoint(args.checkpoint!);
+    }
+    try {
+      const up = await openUpdater({
+        device: args.device,
+        devices: args.devices,
+        engine: args.engine,
+        endpoint: args.endpoint,
+        worker: args.worker,
+        verify: args.verify,
+        opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
+        forceBroadcast: args.broadcast,
+      });
+      try {
+        const name = args.name ?? args.synthetic ?? ckpt.root.split("/").filter(Boolean).at(-1)!;
+        const reg = await register(up.ctx, ckpt, { name, version });
+        log.info(`registered ${ckpt.files.length} file${ckpt.files.length === 1 ? "" : "s"} in ${reg.registerSeconds.toFixed(2)} s (${reg.inPlace ? "pinned in place" : "read into pinned memory"})`);
+        const progress = new Progress("bucket", !args.json);
+        const t0 = performance.now();
+        try {
+          const summary = await up.session.update({
+            reg,
+            bucketBytes,
+            slots,
+            timeoutMs,
+            onProgress: (p) => progress.update({ ...p, startedMs: t0 }),
+          });
+          progress.end();
+          if (args.trace) writeTrace(args.trace, summary);
+          if (args.json) writeJson({ ok: true, ...summary, trace: undefined });
+          else for (const line of summaryLines(summary)) log.info(line);
+        } finally {
+          progress.end();
+          await unregister(up.ctx, reg);
+        }
+      } finally {
+        await up.close();
+      }
+    } finally {
+      remove();
+    }
+  },
+});

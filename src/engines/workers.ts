@@ -1,0 +1,157 @@
+// The `workers` engine: ce starts its own receivers, one process per device — the TypeScript
+// reference receiver (`ce worker`) or the Python torch worker (`python3 -m ce_worker`) — each
+// connected to its device's endpoint for as long as the engine lives.
+import type { Subprocess } from "bun";
+import { existsSync } from "node:fs";
+import { resolve } from "node:path";
+import { config } from "../config";
+import { WorkerError } from "../errors";
+import { logger } from "../log";
+import type { Backend } from "../native/ce";
+import type { Engine } from "./types";
+
+const log = logger("workers");
+
+export type WorkerKind = "ref" | "python";
+
+export interface WorkerSpec {
+  uuid: string;
+  /** CUDA ordinal, or the simulated CPU device */
+  ordinal: number;
+}
+
+/** How to run this ce again: the compiled binary itself, or bun on cli.ts. */
+export function selfCommand(): string[] {
+  const compiled = Bun.main.startsWith("/$bunfs/");
+  return compiled ? [process.execPath] : [process.execPath, resolve(import.meta.dir, "../cli.ts")];
+}
+
+/** python/ of this checkout, so `python3 -m ce_worker` works without installing the package. */
+function pythonPath(): string | undefined {
+  const dir = resolve(import.meta.dir, "../../python");
+  return existsSync(resolve(dir, "ce_worker")) ? dir : undefined;
+}
+
+const STDERR_TAIL_LINES = 20;
+
+class WorkerProcess {
+  readonly proc: Subprocess<"pipe", "ignore", "pipe">;
+  readonly tail: string[] = [];
+  stopping = false;
+
+  constructor(
+    readonly label: string,
+    cmd: string[],
+    env: Record<string, string | undefined>,
+    onExit: (w: WorkerProcess, code: number | null, signal: string | null) => void,
+  ) {
+    // stdin stays open and unread: a worker exits when it reaches EOF, so it never outlives ce.
+    this.proc = Bun.spawn(cmd, {
+      stdin: "pipe",
+      stdout: "ignore",
+      stderr: "pipe",
+      env,
+      onExit: (_p, code, signal) => onExit(this, code, signal === null ? null : String(signal)),
+    });
+    void this.pump();
+  }
+
+  private async pump(): Promise<void> {
+    const decoder = new TextDecoder();
+    let partial = "";
+    for await (const chunk of this.proc.stderr) {
+      const lines = (partial + decoder.decode(chunk, { stream: true })).split("\n");
+      partial = lines.pop() ?? "";
+      for (const line of lines) {
+        if (!line) continue;
+        log.debug(`${this.label}: ${line}`);
+        this.tail.push(line);
+        if (this.tail.length > STDERR_TAIL_LINES) this.tail.shift();
+      }
+    }
+  }
+
+  stop(): Promise<unknown> {
+    this.stopping = true;
+    try {
+      this.proc.stdin.end();
+    } catch {
+      // already closed
+    }
+    this.proc.kill("SIGTERM");
+    return this.proc.exited;
+  }
+}
+
+/** Starts and supervises one receiver process per device. */
+export class WorkersEngine implements Engine {
+  readonly description: string;
+  #procs: WorkerProcess[] = [];
+  #fail!: (err: WorkerError) => void;
+  failure: Promise<never>;
+
+  constructor(
+    private readonly kind: WorkerKind,
+    private readonly backend: Backend,
+    private readonly specs: WorkerSpec[],
+    private readonly opts: { verify: boolean },
+  ) {
+    this.description = `${specs.length} ${kind === "ref" ? "reference" : "Python"} worker${specs.length === 1 ? "" : "s"}`;
+    this.failure = this.#newFailure();
+  }
+
+  #newFailure(): Promise<never> {
+    const p = new Promise<never>((_, reject) => {
+      this.#fail = reject;
+    });
+    p.catch(() => {}); // observed by update.ts when it races; never an unhandled rejection
+    return p;
+  }
+
+  #command(spec: WorkerSpec, endpoint: string): string[] {
+    const device = this.backend === "cuda" ? `cuda:${spec.ordinal}` : "cpu";
+    const verify = this.opts.verify ? ["--verify"] : [];
+    if (this.kind === "ref") return [...selfCommand(), "worker", "--endpoint", endpoint, "--device", device, ...verify];
+    return [config.CE_PYTHON, "-m", "ce_worker", "--endpoint", endpoint, "--device", device, ...verify];
+  }
+
+  async start(endpoints: Record<string, string>): Promise<void> {
+    const env: Record<string, string | undefined> = { ...process.env };
+    const py = pythonPath();
+    if (this.kind === "python" && py) env.PYTHONPATH = [py, process.env.PYTHONPATH].filter(Boolean).join(":");
+    this.#procs = this.specs.map((spec) => {
+      const endpoint = endpoints[spec.uuid];
+      if (!endpoint) throw new WorkerError("E_WORKER_SPAWN", `no endpoint for device ${spec.uuid}`);
+      const label = `worker ${spec.uuid}`;
+      const cmd = this.#command(spec, endpoint);
+      log.debug(`starting ${label}: ${cmd.join(" ")}`);
+      return new WorkerProcess(label, cmd, env, (w, code, signal) => {
+        if (w.stopping) return;
+        const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+        const tail = w.tail.length ? `; its last words:\n  ${w.tail.slice(-5).join("\n  ")}` : "";
+        this.#fail(new WorkerError("E_WORKER_DIED", `${label} ${how}${tail}`));
+      });
+    });
+  }
+
+  trigger(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  async reset(endpoints: Record<string, string>): Promise<void> {
+    await this.close();
+    this.failure = this.#newFailure();
+    await this.start(endpoints);
+  }
+
+  /** The worker process of a device, for tests that kill one. */
+  pid(index: number): number | undefined {
+    return this.#procs[index]?.proc.pid;
+  }
+
+  async close(): Promise<void> {
+    const procs = this.#procs;
+    this.#procs = [];
+    await Promise.all(procs.map((p) => p.stop()));
+  }
+}

@@ -1,0 +1,208 @@
+// The worker protocol of DESIGN.md: JSON frames over ZeroMQ REQ/REP, nothing pickled. Pure:
+// builds and validates frames; sockets live elsewhere. python/ce_worker/protocol.py mirrors it.
+import { InputError } from "./errors";
+
+export const PROTOCOL_VERSION = 1;
+export const IPC_HANDLE_BYTES = 64;
+
+export interface WireTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** bytes from the start of the buffer (not the slot) */
+  offset: number;
+  nbytes: number;
+}
+
+export interface OpenRequest {
+  op: "open";
+  protocol: number;
+  checkpoint: string;
+  version: number;
+  device_uuid: string;
+  backend: "cuda" | "cpu";
+  buffer_bytes: number;
+  slots: number;
+  slot_bytes: number;
+  path: string;
+  /** Extras (protocol 1 ignores unknown fields): the checkpoint's files, for verifying receivers,
+   *  and the update's size, for progress and preallocation. */
+  files?: string[];
+  buckets?: number;
+  tensors?: number;
+  bytes?: number;
+}
+
+export interface LoadRequest {
+  op: "load";
+  bucket: number;
+  slot: number;
+  tensors: WireTensor[];
+}
+
+export type Request =
+  | OpenRequest
+  | LoadRequest
+  | { op: "release" }
+  | { op: "finish" }
+  | { op: "abort"; reason: string };
+
+export type OpName = Request["op"];
+
+export interface Reply {
+  ok: boolean;
+  error?: string;
+  [extra: string]: unknown;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** The frames of one request: the JSON, plus the IPC handle for a CUDA open. */
+export function encodeRequest(req: Request, ipcHandle?: Uint8Array): Uint8Array[] {
+  const frames: Uint8Array[] = [encoder.encode(JSON.stringify(req))];
+  if (req.op === "open" && req.backend === "cuda") {
+    if (!ipcHandle || ipcHandle.byteLength !== IPC_HANDLE_BYTES) {
+      throw new InputError("E_PROTOCOL", `open on CUDA needs a ${IPC_HANDLE_BYTES}-byte IPC handle frame`);
+    }
+    frames.push(ipcHandle);
+  }
+  return frames;
+}
+
+export function encodeReply(reply: Reply): Uint8Array[] {
+  return [encoder.encode(JSON.stringify(reply))];
+}
+
+function parseObject(frame: Uint8Array | undefined, what: string): Record<string, unknown> {
+  if (!frame) throw new InputError("E_PROTOCOL", `${what}: empty message`);
+  let value: unknown;
+  try {
+    value = JSON.parse(decoder.decode(frame));
+  } catch (err) {
+    throw new InputError("E_PROTOCOL", `${what}: not JSON (${(err as Error).message})`);
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) {
+    throw new InputError("E_PROTOCOL", `${what}: not a JSON object`);
+  }
+  return value as Record<string, unknown>;
+}
+
+/** A worker's reply; a malformed one is a protocol error naming the op it answered. */
+export function parseReply(frames: Uint8Array[], op: OpName): Reply {
+  const obj = parseObject(frames[0], `reply to ${op}`);
+  if (typeof obj.ok !== "boolean") throw new InputError("E_PROTOCOL", `reply to ${op}: no boolean "ok"`);
+  if (!obj.ok && typeof obj.error !== "string") return { ...obj, ok: false, error: "worker gave no error message" };
+  return obj as Reply;
+}
+
+function need<T>(obj: Record<string, unknown>, key: string, kind: "string" | "number" | "integer", op: string): T {
+  const v = obj[key];
+  const ok =
+    kind === "string" ? typeof v === "string" : kind === "number" ? typeof v === "number" : Number.isSafeInteger(v) && (v as number) >= 0;
+  if (!ok) throw new InputError("E_PROTOCOL", `${op}: field "${key}" must be ${kind === "integer" ? "a non-negative integer" : `a ${kind}`}`);
+  return v as T;
+}
+
+function parseTensor(t: unknown, i: number): WireTensor {
+  if (typeof t !== "object" || t === null) throw new InputError("E_PROTOCOL", `load: tensor ${i} is not an object`);
+  const o = t as Record<string, unknown>;
+  const shape = o.shape;
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new InputError("E_PROTOCOL", `load: tensor ${i} has a bad shape`);
+  }
+  return {
+    name: need<string>(o, "name", "string", `load tensor ${i}`),
+    dtype: need<string>(o, "dtype", "string", `load tensor ${i}`),
+    shape: shape as number[],
+    offset: need<number>(o, "offset", "integer", `load tensor ${i}`),
+    nbytes: need<number>(o, "nbytes", "integer", `load tensor ${i}`),
+  };
+}
+
+/** A request as a worker receives it: validated, unknown fields dropped. */
+export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: Uint8Array } {
+  const obj = parseObject(frames[0], "request");
+  const op = obj.op;
+  switch (op) {
+    case "open": {
+      const backend = obj.backend;
+      if (backend !== "cuda" && backend !== "cpu") throw new InputError("E_PROTOCOL", `open: backend must be "cuda" or "cpu"`);
+      const protocol = need<number>(obj, "protocol", "integer", "open");
+      if (protocol !== PROTOCOL_VERSION) {
+        throw new InputError("E_PROTOCOL", `open: protocol ${protocol}, this worker speaks ${PROTOCOL_VERSION}`);
+      }
+      const req: OpenRequest = {
+        op,
+        protocol,
+        checkpoint: need<string>(obj, "checkpoint", "string", "open"),
+        version: need<number>(obj, "version", "integer", "open"),
+        device_uuid: need<string>(obj, "device_uuid", "string", "open"),
+        backend,
+        buffer_bytes: need<number>(obj, "buffer_bytes", "integer", "open"),
+        slots: need<number>(obj, "slots", "integer", "open"),
+        slot_bytes: need<number>(obj, "slot_bytes", "integer", "open"),
+        path: typeof obj.path === "string" ? obj.path : "",
+      };
+      if (Array.isArray(obj.files) && obj.files.every((f) => typeof f === "string")) req.files = obj.files as string[];
+      for (const k of ["buckets", "tensors", "bytes"] as const) {
+        const v = obj[k];
+        if (Number.isSafeInteger(v) && (v as number) >= 0) req[k] = v as number;
+      }
+      if (backend === "cuda") {
+        const h = frames[1];
+        if (!h || h.byteLength !== IPC_HANDLE_BYTES) {
+          throw new InputError("E_PROTOCOL", `open: CUDA needs a second frame of ${IPC_HANDLE_BYTES} bytes (the IPC handle)`);
+        }
+        return { req, ipcHandle: h };
+      }
+      if (!req.path) throw new InputError("E_PROTOCOL", `open: the cpu backend needs "path"`);
+      return { req };
+    }
+    case "load": {
+      if (!Array.isArray(obj.tensors)) throw new InputError("E_PROTOCOL", `load: "tensors" must be a list`);
+      return {
+        req: {
+          op,
+          bucket: need<number>(obj, "bucket", "integer", "load"),
+          slot: need<number>(obj, "slot", "integer", "load"),
+          tensors: obj.tensors.map(parseTensor),
+        },
+      };
+    }
+    case "release":
+    case "finish":
+      return { req: { op } };
+    case "abort":
+      return { req: { op, reason: typeof obj.reason === "string" ? obj.reason : "" } };
+    default:
+      throw new InputError("E_PROTOCOL", `unknown op ${JSON.stringify(op)}`);
+  }
+}
+
+/** Where a worker stands in one update session. */
+export type WorkerState = "idle" | "open" | "released" | "finished";
+
+const ALLOWED: Record<OpName, readonly WorkerState[]> = {
+  open: ["idle", "finished"],
+  load: ["open"],
+  release: ["open"],
+  finish: ["released"],
+  abort: ["idle", "open", "released", "finished"],
+};
+
+const NEXT: Record<OpName, WorkerState> = {
+  open: "open",
+  load: "open",
+  release: "released",
+  finish: "finished",
+  abort: "idle",
+};
+
+/** The state after op, or an error saying why op does not fit the state. */
+export function transition(state: WorkerState, op: OpName): WorkerState {
+  if (!ALLOWED[op].includes(state)) {
+    throw new InputError("E_PROTOCOL_STATE", `op "${op}" does not fit state "${state}" (allowed in: ${ALLOWED[op].join(", ")})`);
+  }
+  return NEXT[op];
+}

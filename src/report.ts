@@ -1,0 +1,52 @@
+// How an update's summary reads: the story at info level, and the per-bucket timeline as a Chrome
+// trace-event file (open it in Perfetto to see H2D, broadcast and reload overlap).
+import { writeFileSync } from "node:fs";
+import { formatBytes, formatRate, formatSeconds } from "./log";
+import type { UpdateSummary } from "./update";
+
+export function summaryLines(s: UpdateSummary): string[] {
+  const pct = (x: number) => `${((x / s.seconds) * 100).toFixed(0)}%`;
+  return [
+    `updated ${s.checkpoint}@${s.version}: ${formatBytes(s.bytes)} in ${s.tensors} tensors, ${s.buckets} buckets → ${s.devices.length} ${s.backend === "cuda" ? "GPU" : "CPU device"}${s.devices.length === 1 ? "" : "s"} (${s.engine})`,
+    `  ${formatSeconds(s.seconds)}, ${formatRate(s.bytes, s.seconds)}; ${s.mode} path, buckets of ${formatBytes(s.slotBytes)}, ${s.slots} slots${s.staging ? ` + ${s.staging} staging` : ""}, ${formatBytes(s.deviceBytes)} of device buffers`,
+    `  phases: plan ${formatSeconds(s.phases.plan)}, buffers ${formatSeconds(s.phases.buffers)}, open ${formatSeconds(s.phases.open)}, data ${formatSeconds(s.phases.data)} (${pct(s.phases.data)}), release+finish ${formatSeconds(s.phases.close)}`,
+    `  stage busy time: H2D ${formatSeconds(s.stages.h2d)}${s.mode === "broadcast" ? `, broadcast ${formatSeconds(s.stages.bcast)}` : ""}, reload ${formatSeconds(s.stages.reload)}`,
+    `  registration: ${formatSeconds(s.registerSeconds)} (${s.inPlace ? "pinned in place" : "read into pinned memory"})`,
+    ...s.fallbacks.map((f) => `  fallback: ${f}`),
+  ];
+}
+
+interface TraceEvent {
+  name: string;
+  cat: string;
+  ph: "X" | "M";
+  ts?: number;
+  dur?: number;
+  pid: number;
+  tid: number;
+  args?: Record<string, unknown>;
+}
+
+/** Chrome trace events: one process per device, one thread per stage; times in µs. */
+export function traceEvents(s: UpdateSummary): TraceEvent[] {
+  const events: TraceEvent[] = [];
+  const stages = ["H2D", "broadcast", "reload"];
+  s.devices.forEach((uuid, d) => {
+    events.push({ name: "process_name", cat: "__metadata", ph: "M", pid: d, tid: 0, args: { name: `device ${d} ${uuid}` } });
+    stages.forEach((st, tid) => events.push({ name: "thread_name", cat: "__metadata", ph: "M", pid: d, tid, args: { name: st } }));
+  });
+  const span = (name: string, cat: string, pid: number, tid: number, t: [number, number], args: Record<string, unknown>) =>
+    events.push({ name, cat, ph: "X", ts: t[0] * 1000, dur: Math.max(0, t[1] - t[0]) * 1000, pid, tid, args });
+  for (const b of s.trace) {
+    const args = { bucket: b.index, owner: b.owner, slot: b.slot, bytes: b.bytes, tensors: b.tensors };
+    span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
+    if (b.bcast) s.devices.forEach((_, d) => span(`bcast ${b.index}`, "bcast", d, 1, b.bcast!, args));
+    b.reload.forEach((r, d) => span(`reload ${b.index}`, "reload", d, 2, r, args));
+  }
+  return events;
+}
+
+export function writeTrace(path: string, s: UpdateSummary | UpdateSummary[]): void {
+  const all = Array.isArray(s) ? s : [s];
+  writeFileSync(path, JSON.stringify({ traceEvents: all.flatMap(traceEvents), displayTimeUnit: "ms" }));
+}

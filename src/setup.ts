@@ -1,0 +1,124 @@
+// What `ce update`, `ce bench` and `ce serve` all start from: devices, a context, an engine and
+// an update session over them; and a synthetic checkpoint when asked for one.
+import { mkdtempSync, rmSync, statfsSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type { Checkpoint } from "./checkpoint";
+import { config } from "./config";
+import { type DeviceSet, resolveDevices } from "./devices";
+import { HttpEngine } from "./engines/http";
+import type { Engine } from "./engines/types";
+import { type WorkerKind, WorkersEngine } from "./engines/workers";
+import { UsageError } from "./errors";
+import { formatBytes, logger } from "./log";
+import { Ctx } from "./native/ce";
+import { onRamFs } from "./registry";
+import { tensorBytes } from "./safetensors";
+import { loadShapes, writeSyntheticCheckpoint } from "./synth";
+import { UpdateSession } from "./update";
+
+const log = logger("setup");
+
+export type EngineKind = "vllm" | "external" | "workers";
+
+export interface SetupOptions {
+  device?: string;
+  devices?: string;
+  engine?: string;
+  endpoint?: string;
+  worker?: string;
+  verify: boolean;
+  opTimeoutMs: number;
+  forceBroadcast?: boolean;
+}
+
+export interface Updater {
+  set: DeviceSet;
+  ctx: Ctx;
+  engine: Engine;
+  session: UpdateSession;
+  close(): Promise<void>;
+}
+
+export function engineKind(engine: string | undefined, endpoint: string | undefined): EngineKind {
+  const kind = engine ?? (endpoint ? "vllm" : "workers");
+  if (kind !== "vllm" && kind !== "external" && kind !== "workers") {
+    throw new UsageError(`--engine "${kind}": use vllm, external or workers`);
+  }
+  if (kind !== "workers" && !endpoint) throw new UsageError(`--engine ${kind} needs --endpoint URL`);
+  return kind;
+}
+
+export function workerKind(worker: string | undefined): WorkerKind {
+  const kind = worker ?? "ref";
+  if (kind !== "ref" && kind !== "python") throw new UsageError(`--worker "${kind}": use ref or python`);
+  return kind;
+}
+
+export async function openUpdater(opts: SetupOptions): Promise<Updater> {
+  const kind = engineKind(opts.engine, opts.endpoint);
+  const worker = workerKind(opts.worker);
+  const set = resolveDevices(opts.device, opts.devices);
+  log.info(`${set.backend === "cuda" ? "GPUs" : "CPU devices"}: ${set.devices.map((d) => `${d.ordinal} (${d.uuid})`).join(", ")}`);
+  const ctx = Ctx.create(
+    set.backend,
+    set.devices.map((d) => d.ordinal),
+  );
+  let engine: Engine;
+  let workers: WorkersEngine | undefined;
+  if (kind === "workers") {
+    workers = new WorkersEngine(worker, set.backend, set.devices, { verify: opts.verify });
+    engine = workers;
+  } else {
+    engine = new HttpEngine(kind, opts.endpoint!);
+  }
+  const session = new UpdateSession({ ctx, devices: set.devices, engine, opTimeoutMs: opts.opTimeoutMs, forceBroadcast: opts.forceBroadcast });
+  try {
+    await workers?.start(session.endpoints);
+  } catch (err) {
+    await session.close();
+    ctx.close();
+    throw err;
+  }
+  return {
+    set,
+    ctx,
+    engine,
+    session,
+    async close() {
+      await session.close();
+      ctx.close();
+    },
+  };
+}
+
+/** A scratch directory for synthetic checkpoints: /dev/shm when it has room (in-place pinning), else the temp dir. */
+export function scratchDir(bytesNeeded: number): string {
+  const shm = config.CE_SHM_DIR;
+  const base = onRamFs(shm) && freeBytesIn(shm) > bytesNeeded * 1.1 ? shm : tmpdir();
+  return mkdtempSync(join(base, "ce-synth-"));
+}
+
+function freeBytesIn(dir: string): number {
+  try {
+    const st = statfsSync(dir);
+    return Number(st.bavail) * Number(st.bsize);
+  } catch {
+    return 0;
+  }
+}
+
+/** Writes a synthetic checkpoint of a real architecture's shapes; remove() deletes it (it is ours). */
+export async function synthesize(model: string, seed: number, onProgress?: (done: number, total: number) => void): Promise<{ ckpt: Checkpoint; remove(): void }> {
+  const shapes = await loadShapes(model);
+  const bytes = shapes.tensors.reduce((s, t) => s + (tensorBytes(t.dtype ?? shapes.dtype, t.shape) ?? 0), 0);
+  const dir = scratchDir(bytes);
+  log.info(`writing a synthetic ${shapes.name} checkpoint (${formatBytes(bytes)}) to ${dir}`);
+  try {
+    const ckpt = await writeSyntheticCheckpoint({ shapes, dir, seed, onProgress: onProgress && ((p) => onProgress(p.bytesDone, p.bytesTotal)) });
+    return { ckpt, remove: () => rmSync(dir, { recursive: true, force: true }) };
+  } catch (err) {
+    rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
+}
