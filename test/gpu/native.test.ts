@@ -1,0 +1,284 @@
+// libce's data path, proven per backend: the CPU backend everywhere (CI), CUDA where a GPU is.
+// Bytes are checked by a separate process that opens the slot as a worker would.
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+import { openCheckpoint } from "../../src/checkpoint";
+import type { Device } from "../../src/devices";
+import { WorkersEngine } from "../../src/engines/workers";
+import { type Backend, type Buf, Ctx, cudaDeviceInfo, cudaMemInfo, ncclUniqueId } from "../../src/native/ce";
+import { register, unregister } from "../../src/registry";
+import { UpdateSession } from "../../src/update";
+import { gpu } from "../helpers/gpu";
+import { rng, writeSafetensors } from "../helpers/ckpt";
+
+const SHM = "/dev/shm";
+const GiB = 1024 ** 3;
+const MiB = 1024 ** 2;
+
+function fdCount(): number {
+  return readdirSync("/proc/self/fd").length;
+}
+
+function shmLeftovers(): string[] {
+  return readdirSync(SHM).filter((f) => f.startsWith(`ce-${process.pid}-`));
+}
+
+/** Random bytes, fast: a seeded xorshift over 32-bit words. */
+function randomBytes(n: number, seed: number): Uint8Array {
+  const words = new Uint32Array(Math.ceil(n / 4));
+  let x = seed | 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x >>> 0;
+  }
+  return new Uint8Array(words.buffer, 0, n);
+}
+
+interface Check {
+  file: string;
+  fileOffset: number;
+  bufOffset: number;
+  bytes: number;
+}
+
+/** Runs test/helpers/slot-reader.ts in its own process on buf; returns the checks that failed. */
+async function readInOtherProcess(backend: Backend, ordinal: number, buf: Buf, checks: Check[]): Promise<{ check: number; at: number }[]> {
+  const job = {
+    backend,
+    ordinal,
+    bytes: buf.bytes,
+    ...(backend === "cuda" ? { handleHex: Buffer.from(buf.ipcHandle()).toString("hex") } : { path: buf.path() }),
+    checks,
+  };
+  const proc = Bun.spawn([process.execPath, join(import.meta.dir, "../helpers/slot-reader.ts")], { stdin: "pipe", stdout: "pipe", stderr: "pipe" });
+  proc.stdin.write(JSON.stringify(job));
+  proc.stdin.end();
+  const timer = setTimeout(() => proc.kill(), 120_000);
+  const [out, err, code] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]);
+  clearTimeout(timer);
+  if (code !== 0) throw new Error(`slot reader exited ${code}: ${err}`);
+  return (JSON.parse(out) as { mismatches: { check: number; at: number }[] }).mismatches;
+}
+
+const backends: { backend: Backend; skip: boolean; why: string }[] = [
+  { backend: "cpu", skip: false, why: "always" },
+  { backend: "cuda", skip: !gpu.ok, why: gpu.reason },
+];
+
+for (const { backend, skip, why } of backends) {
+  describe.skipIf(skip)(`${backend} backend (${why})`, () => {
+    const ordinals = backend === "cuda" ? Array.from({ length: gpu.count }, (_, i) => i) : [0, 1, 2];
+    // Sizes: the CPU backend stays small for CI; on a GPU the biggest bucket is 2 GiB.
+    const maxBucket = backend === "cuda" ? 2 * GiB : 48 * MiB;
+    let dir: string;
+    let ctx: Ctx;
+    const files: { path: string; data: Uint8Array }[] = [];
+
+    beforeAll(() => {
+      dir = mkdtempSync(join(SHM, `ce-test-${process.pid}-`));
+      ctx = Ctx.create(backend, backend === "cuda" ? [0] : [0]);
+      const sizes = [maxBucket + 4099, 7 * MiB + 3, 65_537];
+      sizes.forEach((n, i) => {
+        const data = randomBytes(n, 1000 + i);
+        const path = join(dir, `region-${i}.bin`);
+        writeFileSync(path, data);
+        files.push({ path, data });
+      });
+    });
+
+    afterAll(() => {
+      ctx?.close();
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    test("random buckets from several regions arrive byte-exact in a slot read by another process", { timeout: 600_000 }, async () => {
+      const seed = Number(process.env.CE_TEST_SEED ?? Date.now() % 1_000_000);
+      const rand = rng(seed);
+      const regions: number[] = [];
+      for (const f of files) {
+        const m = ctx.regionMapFile(f.path, { pin: true, threads: 4 });
+        await ctx.wait(m.op, { timeoutMs: 120_000, what: `pinning ${f.path}` });
+        regions.push(m.region);
+      }
+      // One allocated (not file-backed) region too, written from JS, mirrored to a file for the reader.
+      const allocData = randomBytes(3 * MiB + 17, seed);
+      const alloc = ctx.regionAlloc(allocData.length);
+      await ctx.wait(alloc.op, { timeoutMs: 60_000, what: "allocating" });
+      ctx.regionWrite(alloc.region, 0, allocData);
+      const allocFile = join(dir, "alloc.bin");
+      writeFileSync(allocFile, allocData);
+      const sources = [...files.map((f, i) => ({ region: regions[i]!, path: f.path, size: f.data.length })), { region: alloc.region, path: allocFile, size: allocData.length }];
+
+      const slot = ctx.bufAlloc(0, maxBucket + 1024, { ipc: true });
+      try {
+        // Bucket sizes: 1 byte, the largest, and random ones between, from random sources at odd offsets.
+        const totals = [1, maxBucket, ...Array.from({ length: 4 }, () => 1 + Math.floor(rand() * (maxBucket / 8)))];
+        for (const total of totals) {
+          const checks: Check[] = [];
+          const copies: bigint[] = [];
+          let dst = Math.floor(rand() * 512);
+          let left = total;
+          while (left > 0) {
+            const src = total === maxBucket ? sources[0]! : sources[Math.floor(rand() * sources.length)]!;
+            const n = Math.min(left, total === maxBucket ? left : 1 + Math.floor(rand() * Math.min(left, src.size)), src.size);
+            const off = Math.floor(rand() * (src.size - n + 1));
+            copies.push(BigInt(src.region), BigInt(off), BigInt(dst), BigInt(n));
+            checks.push({ file: src.path, fileOffset: off, bufOffset: dst, bytes: n });
+            dst += n + (rand() < 0.5 ? 0 : Math.floor(rand() * 300));
+            left -= n;
+            if (dst + left > slot.bytes) break;
+          }
+          await ctx.wait(ctx.h2d(slot, BigUint64Array.from(copies)), { timeoutMs: 120_000, what: `bucket of ${total} bytes` });
+          const bad = await readInOtherProcess(backend, 0, slot, checks);
+          expect({ seed, total, bad }).toEqual({ seed, total, bad: [] });
+        }
+      } finally {
+        slot.close();
+        for (const r of [...regions, alloc.region]) await ctx.wait(ctx.regionRelease(r), { timeoutMs: 60_000, what: "release" });
+      }
+      expect(ctx.stats()).toMatchObject({ regions: 0, pinnedBytes: 0, bufs: 0, ops: 0 });
+    });
+
+    test("a broadcast moves a bucket from the owner's staging buffer into every device's slot", { timeout: 300_000 }, async () => {
+      const devs = backend === "cuda" ? ordinals : [0, 1, 2];
+      using bctx = Ctx.create(backend, devs);
+      if (backend === "cuda") {
+        await bctx.wait(bctx.ncclInit(ncclUniqueId(), devs.length, 0), { timeoutMs: 120_000, what: "NCCL init" });
+      }
+      const f = files[1]!;
+      const m = bctx.regionMapFile(f.path, { pin: true, threads: 2 });
+      await bctx.wait(m.op, { timeoutMs: 60_000, what: "pinning" });
+      const n = f.data.length - 11;
+      const stage = devs.map((_, d) => bctx.bufAlloc(d, n + 512, { ipc: false }));
+      const slots = devs.map((_, d) => bctx.bufAlloc(d, n + 1024, { ipc: true }));
+      for (let root = 0; root < devs.length; root++) {
+        const h = bctx.h2d(stage[root]!, BigUint64Array.from([BigInt(m.region), 11n, 256n, BigInt(n)]));
+        const b = bctx.bcast(root, stage[root]!, 256, slots, 512, n, h);
+        await bctx.wait(b, { timeoutMs: 60_000, what: `broadcast from ${root}` });
+        await bctx.wait(h, { timeoutMs: 60_000, what: "H2D" }).catch(() => undefined); // collected already or now
+        for (const [d, s] of slots.entries()) {
+          const bad = await readInOtherProcess(backend, devs[d]!, s, [{ file: f.path, fileOffset: 11, bufOffset: 512, bytes: n }]);
+          expect({ root, device: d, bad }).toEqual({ root, device: d, bad: [] });
+        }
+      }
+      for (const b of [...stage, ...slots]) b.close();
+      await bctx.wait(bctx.regionRelease(m.region), { timeoutMs: 60_000, what: "release" });
+    });
+
+    describe("updates through real worker processes", () => {
+      let ckptDir: string;
+      let session: UpdateSession;
+      let engine: WorkersEngine;
+      let sctx: Ctx;
+      let devices: Device[];
+
+      beforeAll(async () => {
+        ckptDir = mkdtempSync(join(SHM, `ce-test-ckpt-${process.pid}-`));
+        // Many small tensors of odd sizes, so there are many buckets.
+        const rand = rng(7);
+        const tensors = Array.from({ length: 120 }, (_, i) => ({ name: `layer.${i}.weight`, dtype: i % 7 === 0 ? "F32" : "BF16", shape: [1 + Math.floor(rand() * 150), 129] }));
+        await writeSafetensors(join(ckptDir, "model.safetensors"), tensors, { seed: 99 });
+        const devs = backend === "cuda" ? [0] : [0];
+        sctx = Ctx.create(backend, devs);
+        devices = devs.map((o, index) => ({ index, ordinal: o, uuid: backend === "cuda" ? cudaDeviceInfo(o).uuid : `CPU-test-${o}`, name: backend, freeBytes: 8 * GiB }));
+        engine = new WorkersEngine("ref", backend, devices, { verify: true });
+        session = new UpdateSession({ ctx: sctx, devices, engine, opTimeoutMs: 60_000 });
+        await engine.start(session.endpoints);
+      });
+
+      afterAll(async () => {
+        await session?.close();
+        sctx?.close();
+        rmSync(ckptDir, { recursive: true, force: true });
+      });
+
+      test("the trace shows the H2D of bucket i+1 running while the worker reloads bucket i", { timeout: 120_000 }, async () => {
+        // Buckets large enough that one H2D outlasts the round trip that starts the previous reload.
+        const big = mkdtempSync(join(SHM, `ce-test-big-${process.pid}-`));
+        try {
+          const tensors = Array.from({ length: 48 }, (_, i) => ({ name: `big.${i}`, dtype: "BF16", shape: [1024, 1024] }));
+          await writeSafetensors(join(big, "model.safetensors"), tensors, { seed: 3 });
+          const reg = await register(sctx, await openCheckpoint(big), { name: "big", version: 1 });
+          try {
+            const s = await session.update({ reg, bucketBytes: 8 * MiB, slots: 3, timeoutMs: 120_000 });
+            expect(s.buckets).toBe(12);
+            const during = (h: [number, number], r: [number, number]) => h[0] < r[1] && h[1] > r[0];
+            // On a GPU the copy engine fills bucket i+1 exactly while bucket i is reloaded; on the CPU
+            // backend the memcpy outruns the worker, so later buckets' H2D runs during reload i.
+            const ahead = backend === "cuda" ? 1 : 1 + s.slots;
+            const overlaps = s.trace.filter((b, i) => s.trace.slice(i + 1, i + ahead + 1).some((n) => during(n.h2d, b.reload[0]!)));
+            expect(overlaps.length).toBeGreaterThan(0);
+          } finally {
+            await unregister(sctx, reg);
+          }
+        } finally {
+          rmSync(big, { recursive: true, force: true });
+        }
+      });
+
+      test("100 register → update → release cycles leave device memory, pinned memory and open files where they started", { timeout: 600_000 }, async () => {
+        const ckpt = await openCheckpoint(ckptDir);
+        const cycle = async (version: number) => {
+          const reg = await register(sctx, ckpt, { name: "t", version });
+          try {
+            await session.update({ reg, timeoutMs: 120_000 });
+          } finally {
+            await unregister(sctx, reg);
+          }
+        };
+        await cycle(0);
+        const fds = fdCount();
+        const free = backend === "cuda" ? cudaMemInfo(0).freeBytes : 0;
+        for (let i = 1; i <= 100; i++) await cycle(i);
+        expect(sctx.stats()).toMatchObject({ regions: 0, pinnedBytes: 0, ops: 0 });
+        expect(fdCount()).toBeLessThanOrEqual(fds + 2);
+        if (backend === "cuda") expect(Math.abs(cudaMemInfo(0).freeBytes - free)).toBeLessThanOrEqual(4 * MiB);
+        expect(shmLeftovers().length).toBeLessThanOrEqual(1); // the session's one slot buffer (CPU backend)
+      });
+
+      test("a worker killed mid-update fails the update, frees the buffers, and the next update works", { timeout: 120_000 }, async () => {
+        const ckpt = await openCheckpoint(ckptDir);
+        const reg = await register(sctx, ckpt, { name: "t", version: 1 });
+        try {
+          const running = session.update({ reg, bucketBytes: 96 * 1024, slots: 2, timeoutMs: 120_000 });
+          await Bun.sleep(5);
+          process.kill(engine.pid(0)!, "SIGKILL");
+          await expect(running).rejects.toThrow(/worker/);
+          expect(session.heldBytes()).toBe(0);
+          const again = await session.update({ reg, timeoutMs: 120_000 });
+          expect(again.tensors).toBe(ckpt.tensors.length);
+        } finally {
+          await unregister(sctx, reg);
+        }
+      });
+    });
+  });
+}
+
+describe.skipIf(!gpu.ok || !gpu.nccl)(`NCCL broadcast path on one GPU, one rank (${gpu.ok ? (gpu.nccl ? "NCCL found" : "no NCCL") : gpu.reason})`, () => {
+  test("an update forced through NCCL with one rank is byte-exact", { timeout: 300_000 }, async () => {
+    const dir = mkdtempSync(join(SHM, `ce-test-nccl-${process.pid}-`));
+    const ctx = Ctx.create("cuda", [0]);
+    const devices = [{ index: 0, ordinal: 0, uuid: cudaDeviceInfo(0).uuid, name: "cuda", freeBytes: 8 * GiB }];
+    const engine = new WorkersEngine("ref", "cuda", devices, { verify: true });
+    const session = new UpdateSession({ ctx, devices, engine, opTimeoutMs: 60_000, forceBroadcast: true });
+    try {
+      await engine.start(session.endpoints);
+      const tensors = Array.from({ length: 40 }, (_, i) => ({ name: `w.${i}`, dtype: "BF16", shape: [513, 37 + i] }));
+      await writeSafetensors(join(dir, "model.safetensors"), tensors, { seed: 5 });
+      const reg = await register(ctx, await openCheckpoint(dir), { name: "nccl", version: 1 });
+      const s = await session.update({ reg, bucketBytes: 256 * 1024, timeoutMs: 120_000 });
+      expect(s.mode).toBe("broadcast");
+      expect(s.staging).toBeGreaterThan(0);
+      expect(s.trace.every((b) => b.bcast !== undefined)).toBe(true);
+      await unregister(ctx, reg);
+    } finally {
+      await session.close();
+      ctx.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
