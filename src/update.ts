@@ -105,6 +105,7 @@ export class UpdateSession {
   #bufs: Buffers | undefined;
   #ncclReady = false;
   #busy = false;
+  #closed = false;
   #engineWatch: EngineWatch | undefined;
   readonly #opts: SessionOptions;
 
@@ -225,6 +226,8 @@ export class UpdateSession {
   }
 
   async update(req: UpdateRequest): Promise<UpdateSummary> {
+    // After close() the sockets are gone; a failure path would otherwise bind new ones and restart workers.
+    if (this.#closed) throw new CeError("E_SESSION_CLOSED", "the update session is closed");
     if (this.#busy) throw new CeError("E_BUSY", "an update is already running in this session");
     this.#busy = true;
     try {
@@ -472,6 +475,7 @@ export class UpdateSession {
   }
 
   async close(): Promise<void> {
+    this.#closed = true;
     this.#freeBuffers();
     for (const s of this.#sockets) s.close();
     this.#sockets = [];

@@ -3,7 +3,7 @@
 // connected to its device's endpoint for as long as the engine lives.
 import type { Subprocess } from "bun";
 import { existsSync } from "node:fs";
-import { resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { config } from "../config";
 import { WorkerError } from "../errors";
 import { logger } from "../log";
@@ -26,10 +26,11 @@ export function selfCommand(): string[] {
   return compiled ? [process.execPath] : [process.execPath, resolve(import.meta.dir, "../cli.ts")];
 }
 
-/** python/ of this checkout, so `python3 -m ce_worker` works without installing the package. */
+/** python/ of this checkout (beside src/, or beside dist/ for the compiled ce), so
+ *  `python3 -m ce_worker` works without installing the package. */
 function pythonPath(): string | undefined {
-  const dir = resolve(import.meta.dir, "../../python");
-  return existsSync(resolve(dir, "ce_worker")) ? dir : undefined;
+  const candidates = [resolve(import.meta.dir, "../../python"), resolve(dirname(process.execPath), "../python")];
+  return candidates.find((dir) => existsSync(resolve(dir, "ce_worker")));
 }
 
 const STDERR_TAIL_LINES = 20;
@@ -119,19 +120,31 @@ export class WorkersEngine implements Engine {
     const env: Record<string, string | undefined> = { ...process.env };
     const py = pythonPath();
     if (this.kind === "python" && py) env.PYTHONPATH = [py, process.env.PYTHONPATH].filter(Boolean).join(":");
-    this.#procs = this.specs.map((spec) => {
+    // Added one by one, so a spawn that fails leaves the ones started before it to close().
+    this.#procs = [];
+    for (const spec of this.specs) {
       const endpoint = endpoints[spec.uuid];
       if (!endpoint) throw new WorkerError("E_WORKER_SPAWN", `no endpoint for device ${spec.uuid}`);
       const label = `worker ${spec.uuid}`;
       const cmd = this.#command(spec, endpoint);
       log.debug(`starting ${label}: ${cmd.join(" ")}`);
-      return new WorkerProcess(label, cmd, env, (w, code, signal) => {
-        if (w.stopping) return;
-        const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
-        const tail = w.tail.length ? `; its last words:\n  ${w.tail.slice(-5).join("\n  ")}` : "";
-        this.#fail(new WorkerError("E_WORKER_DIED", `${label} ${how}${tail}`));
-      });
-    });
+      let proc: WorkerProcess;
+      try {
+        proc = new WorkerProcess(label, cmd, env, (w, code, signal) => {
+          if (w.stopping) return;
+          const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
+          const tail = w.tail.length ? `; its last words:\n  ${w.tail.slice(-5).join("\n  ")}` : "";
+          this.#fail(new WorkerError("E_WORKER_DIED", `${label} ${how}${tail}`));
+        });
+      } catch (err) {
+        // posix_spawn failed: the interpreter or executable is missing or not executable.
+        throw new WorkerError("E_WORKER_SPAWN", `cannot start ${label} (${cmd[0]}): ${(err as Error).message}`, {
+          hint: this.kind === "python" ? "set CE_PYTHON to a Python with torch and pyzmq" : undefined,
+          cause: err,
+        });
+      }
+      this.#procs.push(proc);
+    }
   }
 
   trigger(): Promise<void> {
