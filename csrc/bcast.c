@@ -43,67 +43,94 @@ static int check_h2d(ce_ctx_t *ctx, ce_buf_t *dst, const uint64_t *copies, uint6
   return CE_OK;
 }
 
+/* One copy of a submit, as addresses: host pointers on the CPU backend, device pointers (and the
+ * host source of an H2D) on CUDA. */
+typedef struct {
+  uint64_t dst;
+  uint64_t src;
+  uint64_t bytes;
+} span_t;
+
+/* Submits spans as one op on dst's device: memcpy on a thread (CPU), or copies between two events
+ * on the copy stream (CUDA; src NULL means the sources are pinned host memory). The op holds dst,
+ * src and the given regions until it is collected. Frees nothing of the caller's. */
+static int submit_spans(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const span_t *spans, uint64_t n, const uint32_t *regions,
+                        uint64_t nregions, uint64_t after, const char *what, uint64_t *op_out) {
+  uint64_t id;
+  ce_op_t *op;
+  int rc;
+  if (ctx->backend == CE_BACKEND_CPU) {
+    ce_cpu_copy_t *list;
+    if (!(op = ce_cpu_copies_new(ctx, n, after, &list, &id))) return CE_E_NOMEM;
+    for (uint64_t i = 0; i < n; i++)
+      list[i] = (ce_cpu_copy_t){(uint8_t *)(uintptr_t)spans[i].dst, (const uint8_t *)(uintptr_t)spans[i].src, spans[i].bytes};
+  } else {
+    int d = dst->dev;
+    if ((rc = ce_dev_enter(ctx, d))) return rc;
+    CUstream s = ctx->dev[d].copy;
+    if (!(op = ce_op_new(ctx, OP_GPU, &id))) return CE_E_NOMEM;
+    if ((rc = op_events(op, d)) || (rc = ce_op_stream_wait(ctx, after, d, s))) {
+      ce_op_discard(op);
+      return rc;
+    }
+    CUresult r = cu.cuEventRecord(op->start[d], s);
+    for (uint64_t i = 0; r == CUDA_SUCCESS && i < n; i++)
+      r = src ? cu.cuMemcpyDtoDAsync(spans[i].dst, spans[i].src, spans[i].bytes, s)
+              : cu.cuMemcpyHtoDAsync(spans[i].dst, (const void *)(uintptr_t)spans[i].src, spans[i].bytes, s);
+    if (r == CUDA_SUCCESS) r = cu.cuEventRecord(op->end[d], s);
+    if (r != CUDA_SUCCESS) {
+      ce_op_discard(op);
+      return ce_cuda_fail(r, "%s of %llu ranges on GPU %d", what, (unsigned long long)n, ctx->dev[d].ordinal);
+    }
+  }
+  for (uint64_t i = 0; i < nregions; i++) ce_op_hold_region(op, regions[i]);
+  ce_op_hold_buf(op, dst);
+  if (src) ce_op_hold_buf(op, src);
+  if (ctx->backend == CE_BACKEND_CPU) return ce_cpu_copies_run(op, id, op_out);
+  *op_out = id;
+  return CE_OK;
+}
+
 int ce_h2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, const uint64_t *copies, uint64_t ncopies, uint64_t after,
                   uint64_t *op_out) {
   if (!ctx || !op_out || (!copies && ncopies)) return ce_fail(CE_E_INVAL, "ce_h2d_submit: NULL argument");
   int rc = buf_in_ctx(ctx, dst, "ce_h2d_submit");
   if (rc || (rc = check_h2d(ctx, dst, copies, ncopies))) return rc;
-  uint64_t id;
-  if (ctx->backend == CE_BACKEND_CPU) {
-    void *job;
-    ce_cpu_copy_t *list = ce_cpu_copies_new(ncopies, after, &job);
-    ce_op_t *op = list ? ce_op_new(ctx, OP_THREAD, &id) : NULL;
-    if (!op) {
-      free(list ? job : NULL);
-      return ce_fail(CE_E_NOMEM, "out of host memory");
-    }
-    for (uint64_t i = 0; i < ncopies; i++) {
-      const uint64_t *c = copies + 4 * i;
-      list[i] = (ce_cpu_copy_t){dst->host + c[2], ctx->regions[c[0]].base + c[1], c[3]};
-      ce_op_hold_region(op, (uint32_t)c[0]);
-    }
-    ce_op_hold_buf(op, dst);
-    if ((rc = ce_cpu_copies_submit(op, job))) {
-      ce_op_discard(op);
-      return rc;
-    }
-    *op_out = id;
-    return CE_OK;
-  }
-  int d = dst->dev;
-  if ((rc = ce_dev_enter(ctx, d))) return rc;
-  CUstream s = ctx->dev[d].copy;
-  ce_op_t *op = ce_op_new(ctx, OP_GPU, &id);
-  if (!op) return CE_E_NOMEM;
-  if ((rc = op_events(op, d)) || (rc = ce_op_stream_wait(ctx, after, d, s))) goto fail;
-  CUresult r = cu.cuEventRecord(op->start[d], s);
-  for (uint64_t i = 0; r == CUDA_SUCCESS && i < ncopies; i++) {
+  /* A copy never spans two pinned chunks: the driver treats a range that crosses registrations
+   * as pageable and stages it. So a copy becomes one span per chunk it touches. */
+  uint64_t nspans = 0;
+  for (uint64_t i = 0; i < ncopies; i++) {
     const uint64_t *c = copies + 4 * i;
-    ce_region_t *reg = &ctx->regions[c[0]];
+    const ce_region_t *reg = &ctx->regions[c[0]];
+    nspans += reg->nchunks > 1 && c[3] ? (c[1] + c[3] - 1) / reg->chunk_bytes - c[1] / reg->chunk_bytes + 1 : 1;
+  }
+  span_t *spans = malloc(sizeof *spans * (nspans ? nspans : 1));
+  uint32_t *regions = malloc(sizeof *regions * (ncopies ? ncopies : 1));
+  if (!spans || !regions) {
+    free(spans);
+    free(regions);
+    return ce_fail(CE_E_NOMEM, "out of host memory");
+  }
+  uint64_t k = 0;
+  for (uint64_t i = 0; i < ncopies; i++) {
+    const uint64_t *c = copies + 4 * i;
+    const ce_region_t *reg = &ctx->regions[c[0]];
     uint64_t src = c[1], dsto = c[2], left = c[3];
-    /* A copy never spans two pinned chunks: the driver treats a range that crosses
-     * registrations as pageable and stages it. */
-    while (r == CUDA_SUCCESS && left > 0) {
+    uint64_t dbase = dst->host ? (uint64_t)(uintptr_t)dst->host : dst->dptr;
+    do {
       uint64_t n = left;
       if (reg->nchunks > 1) {
         uint64_t chunk_end = (src / reg->chunk_bytes + 1) * reg->chunk_bytes;
         if (chunk_end - src < n) n = chunk_end - src;
       }
-      r = cu.cuMemcpyHtoDAsync(dst->dptr + dsto, reg->base + src, n, s);
+      spans[k++] = (span_t){dbase + dsto, (uint64_t)(uintptr_t)(reg->base + src), n};
       src += n, dsto += n, left -= n;
-    }
-    ce_op_hold_region(op, (uint32_t)c[0]);
+    } while (left > 0);
+    regions[i] = (uint32_t)c[0];
   }
-  if (r == CUDA_SUCCESS) r = cu.cuEventRecord(op->end[d], s);
-  if (r != CUDA_SUCCESS) {
-    rc = ce_cuda_fail(r, "H2D of %llu ranges on GPU %d", (unsigned long long)ncopies, ctx->dev[d].ordinal);
-    goto fail;
-  }
-  ce_op_hold_buf(op, dst);
-  *op_out = id;
-  return CE_OK;
-fail:
-  ce_op_discard(op);
+  rc = submit_spans(ctx, dst, NULL, spans, k, regions, ncopies, after, "H2D", op_out);
+  free(spans);
+  free(regions);
   return rc;
 }
 
@@ -112,57 +139,22 @@ int ce_d2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *c
   if (!ctx || !op_out || (!copies && ncopies)) return ce_fail(CE_E_INVAL, "ce_d2d_submit: NULL argument");
   int rc = buf_in_ctx(ctx, dst, "ce_d2d_submit");
   if (rc || (rc = buf_in_ctx(ctx, src, "ce_d2d_submit"))) return rc;
+  span_t *spans = malloc(sizeof *spans * (ncopies ? ncopies : 1));
+  if (!spans) return ce_fail(CE_E_NOMEM, "out of host memory");
+  uint64_t dbase = dst->host ? (uint64_t)(uintptr_t)dst->host : dst->dptr;
+  uint64_t sbase = src->host ? (uint64_t)(uintptr_t)src->host : src->dptr;
   for (uint64_t i = 0; i < ncopies; i++) {
     const uint64_t *c = copies + 3 * i;
-    if (!range_ok(c[0], c[2], src->bytes) || !range_ok(c[1], c[2], dst->bytes))
+    if (!range_ok(c[0], c[2], src->bytes) || !range_ok(c[1], c[2], dst->bytes)) {
+      free(spans);
       return ce_fail(CE_E_INVAL, "copy %llu: %llu bytes from %llu to %llu overrun the source (%llu) or destination (%llu)",
                      (unsigned long long)i, (unsigned long long)c[2], (unsigned long long)c[0], (unsigned long long)c[1],
                      (unsigned long long)src->bytes, (unsigned long long)dst->bytes);
-  }
-  uint64_t id;
-  if (ctx->backend == CE_BACKEND_CPU) {
-    void *job;
-    ce_cpu_copy_t *list = ce_cpu_copies_new(ncopies, after, &job);
-    ce_op_t *op = list ? ce_op_new(ctx, OP_THREAD, &id) : NULL;
-    if (!op) {
-      free(list ? job : NULL);
-      return ce_fail(CE_E_NOMEM, "out of host memory");
     }
-    for (uint64_t i = 0; i < ncopies; i++) {
-      const uint64_t *c = copies + 3 * i;
-      list[i] = (ce_cpu_copy_t){dst->host + c[1], src->host + c[0], c[2]};
-    }
-    ce_op_hold_buf(op, dst);
-    ce_op_hold_buf(op, src);
-    if ((rc = ce_cpu_copies_submit(op, job))) {
-      ce_op_discard(op);
-      return rc;
-    }
-    *op_out = id;
-    return CE_OK;
+    spans[i] = (span_t){dbase + c[1], sbase + c[0], c[2]};
   }
-  int d = dst->dev;
-  if ((rc = ce_dev_enter(ctx, d))) return rc;
-  CUstream s = ctx->dev[d].copy;
-  ce_op_t *op = ce_op_new(ctx, OP_GPU, &id);
-  if (!op) return CE_E_NOMEM;
-  if ((rc = op_events(op, d)) || (rc = ce_op_stream_wait(ctx, after, d, s))) goto fail;
-  CUresult r = cu.cuEventRecord(op->start[d], s);
-  for (uint64_t i = 0; r == CUDA_SUCCESS && i < ncopies; i++) {
-    const uint64_t *c = copies + 3 * i;
-    r = cu.cuMemcpyDtoDAsync(dst->dptr + c[1], src->dptr + c[0], c[2], s);
-  }
-  if (r == CUDA_SUCCESS) r = cu.cuEventRecord(op->end[d], s);
-  if (r != CUDA_SUCCESS) {
-    rc = ce_cuda_fail(r, "D2D of %llu ranges on GPU %d", (unsigned long long)ncopies, ctx->dev[d].ordinal);
-    goto fail;
-  }
-  ce_op_hold_buf(op, dst);
-  ce_op_hold_buf(op, src);
-  *op_out = id;
-  return CE_OK;
-fail:
-  ce_op_discard(op);
+  rc = submit_spans(ctx, dst, src, spans, ncopies, NULL, 0, after, "D2D", op_out);
+  free(spans);
   return rc;
 }
 
@@ -228,21 +220,12 @@ int ce_nccl_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, 
     return ce_fail(CE_E_INVAL, "ce_nccl_init: ranks %d..%d do not fit in %d", first_rank, first_rank + ctx->ndev - 1, nranks);
   nccl_init_job_t *job = malloc(sizeof *job);
   uint64_t opid;
-  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, &opid) : NULL;
-  if (!op) {
-    free(job);
-    return ce_fail(CE_E_NOMEM, "out of host memory");
-  }
+  ce_op_t *op = ce_op_new_thread(ctx, job, &opid);
+  if (!op) return CE_E_NOMEM;
   memcpy(job->id.internal, id, CE_NCCL_ID_BYTES);
   job->nranks = nranks;
   job->first_rank = first_rank;
-  int rc = ce_op_start_thread(op, nccl_init_job, job, free);
-  if (rc) {
-    ce_op_discard(op);
-    return rc;
-  }
-  *op_out = opid;
-  return CE_OK;
+  return ce_op_run(op, nccl_init_job, opid, op_out);
 }
 
 int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_offset, ce_buf_t *const *dsts,
@@ -276,25 +259,16 @@ int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_offset,
   }
   uint64_t id;
   if (ctx->backend == CE_BACKEND_CPU) {
-    void *job;
-    ce_cpu_copy_t *list = ce_cpu_copies_new((uint64_t)ctx->ndev, after, &job);
-    ce_op_t *op = list ? ce_op_new(ctx, OP_THREAD, &id) : NULL;
-    if (!op) {
-      free(list ? job : NULL);
-      return ce_fail(CE_E_NOMEM, "out of host memory");
-    }
+    ce_cpu_copy_t *list;
+    ce_op_t *op = ce_cpu_copies_new(ctx, (uint64_t)ctx->ndev, after, &list, &id);
+    if (!op) return CE_E_NOMEM;
     for (int d = 0; d < ctx->ndev; d++) {
       int same = dsts[d] == src && dst_offset == src_offset;
       list[d] = (ce_cpu_copy_t){dsts[d]->host + dst_offset, src->host + src_offset, same ? 0 : bytes};
       ce_op_hold_buf(op, dsts[d]);
     }
     ce_op_hold_buf(op, src);
-    if ((rc = ce_cpu_copies_submit(op, job))) {
-      ce_op_discard(op);
-      return rc;
-    }
-    *op_out = id;
-    return CE_OK;
+    return ce_cpu_copies_run(op, id, op_out);
   }
   ce_op_t *op = ce_op_new(ctx, OP_GPU, &id);
   if (!op) return CE_E_NOMEM;

@@ -53,16 +53,17 @@ static int copy_job(ce_op_t *op) {
   return CE_OK;
 }
 
-ce_cpu_copy_t *ce_cpu_copies_new(uint64_t n, uint64_t after, void **job_out) {
+ce_op_t *ce_cpu_copies_new(ce_ctx_t *ctx, uint64_t n, uint64_t after, ce_cpu_copy_t **list_out, uint64_t *id_out) {
   copy_job_t *job = malloc(sizeof *job + n * sizeof(ce_cpu_copy_t));
-  if (!job) return NULL;
-  job->after = after;
-  job->n = n;
-  *job_out = job;
-  return job->copies;
+  if (job) {
+    job->after = after;
+    job->n = n;
+    *list_out = job->copies;
+  }
+  return ce_op_new_thread(ctx, job, id_out);
 }
 
-int ce_cpu_copies_submit(ce_op_t *op, void *job) { return ce_op_start_thread(op, copy_job, job, free); }
+int ce_cpu_copies_run(ce_op_t *op, uint64_t id, uint64_t *op_out) { return ce_op_run(op, copy_job, id, op_out); }
 
 /* ---- compare (both backends: the GPU's bytes are read back first) ---- */
 
@@ -131,19 +132,10 @@ int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_
                    (unsigned long long)r->bytes, (unsigned long long)region_offset);
   compare_job_t *job = malloc(sizeof *job);
   uint64_t id;
-  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, &id) : NULL;
-  if (!op) {
-    free(job);
-    return ce_fail(CE_E_NOMEM, "out of host memory");
-  }
+  ce_op_t *op = ce_op_new_thread(ctx, job, &id);
+  if (!op) return CE_E_NOMEM;
   *job = (compare_job_t){buf, buf_offset, r->base + region_offset, bytes};
   ce_op_hold_region(op, region);
   ce_op_hold_buf(op, buf);
-  int rc = ce_op_start_thread(op, compare_job, job, free);
-  if (rc) {
-    ce_op_discard(op);
-    return rc;
-  }
-  *op_out = id;
-  return CE_OK;
+  return ce_op_run(op, compare_job, id, op_out);
 }

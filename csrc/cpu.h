@@ -10,9 +10,9 @@ typedef struct {
   uint64_t bytes;
 } ce_cpu_copy_t;
 
-/* A job of n copies that starts after op `after`; fill the returned array, then submit. */
-ce_cpu_copy_t *ce_cpu_copies_new(uint64_t n, uint64_t after, void **job_out);
-/* Runs the job on the op's thread; the op owns the job from here. */
-int ce_cpu_copies_submit(ce_op_t *op, void *job);
+/* A thread op of n copies that starts after op `after`: fill *list_out (and add holds), then
+ * ce_cpu_copies_run. NULL with the last error set when out of memory. */
+ce_op_t *ce_cpu_copies_new(ce_ctx_t *ctx, uint64_t n, uint64_t after, ce_cpu_copy_t **list_out, uint64_t *id_out);
+int ce_cpu_copies_run(ce_op_t *op, uint64_t id, uint64_t *op_out);
 
 #endif

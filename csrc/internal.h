@@ -123,8 +123,11 @@ struct ce_op {
 ce_op_t *ce_op_new(ce_ctx_t *ctx, int kind, uint64_t *id_out);
 /* Gives back an op that failed before submission. */
 void ce_op_discard(ce_op_t *op);
-/* Starts the op's job on its own thread. */
-int ce_op_start_thread(ce_op_t *op, ce_job_fn job, void *arg, void (*arg_free)(void *));
+/* A thread op that owns `job` (freed when the op is collected). job NULL (a failed malloc) or no
+ * op to be had: frees job, sets the last error, returns NULL. */
+ce_op_t *ce_op_new_thread(ce_ctx_t *ctx, void *job, uint64_t *id_out);
+/* Runs fn on the op's own thread and publishes id in *op_out; on failure discards the op. */
+int ce_op_run(ce_op_t *op, ce_job_fn fn, uint64_t id, uint64_t *op_out);
 /* Marks a region / buffer in use by the op until it is collected. */
 void ce_op_hold_region(ce_op_t *op, uint32_t region);
 void ce_op_hold_buf(ce_op_t *op, struct ce_buf *buf);

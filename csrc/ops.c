@@ -102,12 +102,26 @@ static void *op_thread_main(void *arg) {
   return NULL;
 }
 
-int ce_op_start_thread(ce_op_t *op, ce_job_fn job, void *arg, void (*arg_free)(void *)) {
-  op->job = job;
-  op->job_arg = arg;
-  op->job_free = arg_free;
+ce_op_t *ce_op_new_thread(ce_ctx_t *ctx, void *job, uint64_t *id_out) {
+  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, id_out) : NULL;
+  if (!op) {
+    free(job);
+    ce_fail(CE_E_NOMEM, "out of host memory for an op");
+    return NULL;
+  }
+  op->job_arg = job;
+  op->job_free = free;
+  return op;
+}
+
+int ce_op_run(ce_op_t *op, ce_job_fn fn, uint64_t id, uint64_t *op_out) {
+  op->job = fn;
   int e = pthread_create(&op->thread, NULL, op_thread_main, op);
-  if (e != 0) return ce_fail(CE_E_NOMEM, "pthread_create: %s", strerror(e));
+  if (e != 0) {
+    ce_op_discard(op);
+    return ce_fail(CE_E_NOMEM, "pthread_create: %s", strerror(e));
+  }
+  *op_out = id;
   return CE_OK;
 }
 

@@ -163,19 +163,10 @@ static int pin_job(ce_op_t *op) {
 static int submit_pin(ce_ctx_t *ctx, uint32_t id, int pin, unsigned flags, int threads, uint64_t *op_out) {
   pin_job_t *job = malloc(sizeof *job);
   uint64_t opid;
-  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, &opid) : NULL;
-  if (!op) {
-    free(job);
-    return ce_fail(CE_E_NOMEM, "out of host memory");
-  }
+  ce_op_t *op = ce_op_new_thread(ctx, job, &opid);
+  if (!op) return CE_E_NOMEM;
   *job = (pin_job_t){id, flags, threads, pin};
-  int rc = ce_op_start_thread(op, pin_job, job, free);
-  if (rc != CE_OK) {
-    ce_op_discard(op);
-    return rc;
-  }
-  *op_out = opid;
-  return CE_OK;
+  return ce_op_run(op, pin_job, opid, op_out);
 }
 
 static void region_abandon(ce_ctx_t *ctx, uint32_t id) {
@@ -334,11 +325,8 @@ int ce_region_read_file(ce_ctx_t *ctx, uint32_t region, uint64_t region_offset, 
                    (unsigned long long)region_offset, region, (unsigned long long)r->bytes);
   read_job_t *job = calloc(1, sizeof *job);
   uint64_t opid;
-  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, &opid) : NULL;
-  if (!op) {
-    free(job);
-    return ce_fail(CE_E_NOMEM, "out of host memory");
-  }
+  ce_op_t *op = ce_op_new_thread(ctx, job, &opid);
+  if (!op) return CE_E_NOMEM;
   job->id = region;
   job->region_offset = region_offset;
   snprintf(job->path, sizeof job->path, "%s", path);
@@ -346,13 +334,7 @@ int ce_region_read_file(ce_ctx_t *ctx, uint32_t region, uint64_t region_offset, 
   job->bytes = bytes;
   job->threads = threads;
   ce_op_hold_region(op, region);
-  int rc = ce_op_start_thread(op, read_job, job, free);
-  if (rc) {
-    ce_op_discard(op);
-    return rc;
-  }
-  *op_out = opid;
-  return CE_OK;
+  return ce_op_run(op, read_job, opid, op_out);
 }
 
 int ce_region_write(ce_ctx_t *ctx, uint32_t region, uint64_t region_offset, const void *src, uint64_t bytes) {
@@ -399,22 +381,15 @@ int ce_region_release(ce_ctx_t *ctx, uint32_t region, uint64_t *op_out) {
   if (rc) return rc;
   release_job_t *job = malloc(sizeof *job);
   uint64_t opid;
-  ce_op_t *op = job ? ce_op_new(ctx, OP_THREAD, &opid) : NULL;
-  if (!op) {
-    free(job);
-    return ce_fail(CE_E_NOMEM, "out of host memory");
-  }
+  ce_op_t *op = ce_op_new_thread(ctx, job, &opid);
+  if (!op) return CE_E_NOMEM;
   /* The slot is free at once (its id is invalid from here); the thread works on a copy. */
-  job->copy = *r;
+  ce_region_t copy = *r;
+  job->copy = copy;
   region_abandon(ctx, region);
-  rc = ce_op_start_thread(op, release_job, job, free);
-  if (rc) {
-    region_unmap(ctx, &job->copy, NULL);
-    ce_op_discard(op);
-    return rc;
-  }
-  *op_out = opid;
-  return CE_OK;
+  rc = ce_op_run(op, release_job, opid, op_out);
+  if (rc) region_unmap(ctx, &copy, NULL); /* no thread: unpin here (the job went with the op) */
+  return rc;
 }
 
 void ce_regions_free(ce_ctx_t *ctx) {
