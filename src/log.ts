@@ -12,14 +12,23 @@ export const log: ConsolaInstance = createConsola({
   formatOptions: { date: false },
 });
 
+/** Tagged loggers copy the level when made (consola's withTag): keep them to set it later. */
+const tagged = new Map<string, ConsolaInstance>();
+
 export function setLogLevel(name: string): void {
   const level = LEVELS[name as LogLevelName];
   if (level === undefined) throw new Error(`unknown log level "${name}" (silent, warn, info, debug, trace)`);
   log.level = level;
+  for (const l of tagged.values()) l.level = level;
 }
 
 export function logger(tag: string): ConsolaInstance {
-  return log.withTag(tag);
+  let l = tagged.get(tag);
+  if (!l) {
+    l = log.withTag(tag);
+    tagged.set(tag, l);
+  }
+  return l;
 }
 
 const GiB = 1024 ** 3;

@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Checkpoint } from "./checkpoint";
 import { config } from "./config";
-import { type DeviceSet, resolveDevices } from "./devices";
+import { type DeviceSet, parseDeviceList, resolveBackend, resolveDevices } from "./devices";
 import { HttpEngine } from "./engines/http";
 import type { Engine } from "./engines/types";
 import { type WorkerKind, WorkersEngine } from "./engines/workers";
@@ -53,6 +53,17 @@ export function workerKind(worker: string | undefined): WorkerKind {
   const kind = worker ?? "ref";
   if (kind !== "ref" && kind !== "python") throw new UsageError(`--worker "${kind}": use ref or python`);
   return kind;
+}
+
+/**
+ * Checks the flags openUpdater reads, without starting anything: a typo must fail before the slow
+ * steps that come first (opening a checkpoint, writing a synthetic one of many GiB).
+ */
+export function checkSetupOptions(opts: Pick<SetupOptions, "device" | "devices" | "engine" | "endpoint" | "worker">): void {
+  engineKind(opts.engine, opts.endpoint);
+  workerKind(opts.worker);
+  resolveBackend(opts.device);
+  parseDeviceList(opts.devices, undefined);
 }
 
 export async function openUpdater(opts: SetupOptions): Promise<Updater> {
@@ -108,17 +119,60 @@ function freeBytesIn(dir: string): number {
   }
 }
 
+/** Synthetic checkpoints on disk now, written or being written: removeSynthetic() deletes them. */
+const synthDirs = new Set<string>();
+
+function removeDir(dir: string): void {
+  rmSync(dir, { recursive: true, force: true });
+  synthDirs.delete(dir);
+}
+
+/** Deletes every synthetic checkpoint this process wrote (they are ours); synchronous, for a signal handler. */
+export function removeSynthetic(): void {
+  for (const dir of [...synthDirs]) removeDir(dir);
+}
+
+/**
+ * Until the returned function is called, Ctrl-C or SIGTERM frees what would otherwise outlive the
+ * process — the slot buffers (on the CPU backend, /dev/shm files of GiBs) and synthetic checkpoints —
+ * synchronously, then exits as the signal would. Once only: a second signal kills at once, should
+ * the native teardown hang.
+ */
+export function cleanupOnSignal(current: () => Updater | undefined): () => void {
+  const onSignal = (sig: NodeJS.Signals) => {
+    log.warn(`${sig}: stopping, freeing buffers and scratch files`);
+    current()?.ctx.close();
+    removeSynthetic();
+    process.exit(sig === "SIGINT" ? 130 : 143);
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  return () => {
+    process.off("SIGINT", onSignal);
+    process.off("SIGTERM", onSignal);
+  };
+}
+
+/** --slots: a whole number ≥ 1, or auto (undefined). */
+export function parseSlots(spec: string): number | undefined {
+  if (spec === "auto") return undefined;
+  const n = Number(spec);
+  if (!Number.isSafeInteger(n) || n < 1) throw new UsageError(`--slots "${spec}": use a whole number of at least 1, or auto`);
+  return n;
+}
+
 /** Writes a synthetic checkpoint of a real architecture's shapes; remove() deletes it (it is ours). */
 export async function synthesize(model: string, seed: number, onProgress?: (done: number, total: number) => void): Promise<{ ckpt: Checkpoint; remove(): void }> {
   const shapes = await loadShapes(model);
   const bytes = shapes.tensors.reduce((s, t) => s + (tensorBytes(t.dtype ?? shapes.dtype, t.shape) ?? 0), 0);
   const dir = scratchDir(bytes);
+  synthDirs.add(dir);
   log.info(`writing a synthetic ${shapes.name} checkpoint (${formatBytes(bytes)}) to ${dir}`);
   try {
     const ckpt = await writeSyntheticCheckpoint({ shapes, dir, seed, onProgress: onProgress && ((p) => onProgress(p.bytesDone, p.bytesTotal)) });
-    return { ckpt, remove: () => rmSync(dir, { recursive: true, force: true }) };
+    return { ckpt, remove: () => removeDir(dir) };
   } catch (err) {
-    rmSync(dir, { recursive: true, force: true });
+    removeDir(dir);
     throw err;
   }
 }

@@ -7,7 +7,7 @@ import { UsageError } from "../errors";
 import { formatBytes, formatSeconds, gbps, log, writeJson } from "../log";
 import { register, unregister } from "../registry";
 import { writeTrace } from "../report";
-import { openUpdater, synthesize } from "../setup";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, synthesize } from "../setup";
 import { parseDuration, parseSize } from "../units";
 import type { UpdateSummary } from "../update";
 import { deviceArgs, outputArgs, planArgs } from "./_args";
@@ -68,8 +68,11 @@ export default defineCommand({
     const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
     const slotsSpec = args.slots ?? config.CE_SLOTS;
     const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
-    const slots = slotsSpec === "auto" ? undefined : Number(slotsSpec);
+    const slots = parseSlots(slotsSpec);
     const timeoutMs = parseDuration(args.timeout, "--timeout");
+    checkSetupOptions({ ...args, engine: "workers" });
+    let up: Updater | undefined;
+    const stopCleanup = cleanupOnSignal(() => up);
 
     const t0 = performance.now();
     let lastShown = 0;
@@ -81,7 +84,7 @@ export default defineCommand({
     });
     log.info(`checkpoint written in ${formatSeconds((performance.now() - t0) / 1000)}`);
     try {
-      const up = await openUpdater({
+      up = await openUpdater({
         device: args.device,
         devices: args.devices,
         worker: args.worker,
@@ -99,6 +102,7 @@ export default defineCommand({
       }
     } finally {
       synth.remove();
+      stopCleanup();
     }
   },
 });

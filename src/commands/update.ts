@@ -6,7 +6,7 @@ import { UsageError } from "../errors";
 import { Progress, log, writeJson } from "../log";
 import { register, unregister } from "../registry";
 import { summaryLines, writeTrace } from "../report";
-import { openUpdater, synthesize } from "../setup";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, synthesize } from "../setup";
 import { parseDuration, parseSize } from "../units";
 import { deviceArgs, outputArgs, planArgs } from "./_args";
 
@@ -46,7 +46,10 @@ export default defineCommand({
     const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
     const slotsSpec = args.slots ?? config.CE_SLOTS;
     const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
-    const slots = slotsSpec === "auto" ? undefined : Number(slotsSpec);
+    const slots = parseSlots(slotsSpec);
+    checkSetupOptions(args);
+    let up: Updater | undefined;
+    const stopCleanup = cleanupOnSignal(() => up);
 
     let ckpt: Checkpoint;
     let remove = () => {};
@@ -58,7 +61,7 @@ export default defineCommand({
       ckpt = await openCheckpoint(args.checkpoint!);
     }
     try {
-      const up = await openUpdater({
+      up = await openUpdater({
         device: args.device,
         devices: args.devices,
         engine: args.engine,
@@ -95,6 +98,7 @@ export default defineCommand({
       }
     } finally {
       remove();
+      stopCleanup();
     }
   },
 });

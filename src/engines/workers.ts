@@ -134,7 +134,9 @@ export class WorkersEngine implements Engine {
           if (w.stopping) return;
           const how = signal ? `was killed by ${signal}` : `exited with code ${code}`;
           const tail = w.tail.length ? `; its last words:\n  ${w.tail.slice(-5).join("\n  ")}` : "";
-          this.#fail(new WorkerError("E_WORKER_DIED", `${label} ${how}${tail}`));
+          const hint =
+            this.kind === "python" && !signal ? `it ran ${cmd[0]}: set CE_PYTHON to a Python with torch and pyzmq if that is the wrong one` : undefined;
+          this.#fail(new WorkerError("E_WORKER_DIED", `${label} ${how}${tail}`, { hint }));
         });
       } catch (err) {
         // posix_spawn failed: the interpreter or executable is missing or not executable.
