@@ -284,7 +284,16 @@ export class UpdateSession {
     const request = async (d: number, frames: Uint8Array[], op: OpName, what: string): Promise<Reply> => {
       const sock = this.#sockets[d]!;
       const label = `worker on ${this.deviceLabel(d)}`;
-      const replyFrames = await sock.request(frames, { timeoutMs: this.#opts.opTimeoutMs, what: `${label}: reply to ${what}`, signal: stop.signal });
+      let replyFrames: Uint8Array[];
+      try {
+        replyFrames = await sock.request(frames, { timeoutMs: this.#opts.opTimeoutMs, what: `${label}: reply to ${what}`, signal: stop.signal });
+      } catch (err) {
+        // No reply to open usually means no worker ever connected: the engine does not run on that GPU.
+        if (op === "open" && err instanceof TimeoutError) {
+          throw new TimeoutError(err.message, { hint: "no worker answered for that GPU: does the engine run on it? --devices names the engine's GPUs" });
+        }
+        throw err;
+      }
       const reply = parseReply(replyFrames, op);
       if (!reply.ok) throw new WorkerError("E_WORKER", `${label} failed ${what}: ${reply.error}`);
       return reply;

@@ -1,4 +1,5 @@
-"""The frames of ce's worker protocol (DESIGN.md, "Worker protocol"), parsed and checked.
+"""The frames of ce's worker protocol, parsed and checked (the README's "The worker protocol";
+src/protocol.ts is the other end).
 
 Pure: bytes in, typed requests out, or a ProtocolError that says what is wrong. No sockets,
 no torch. The session's states are explicit (idle -> open -> released -> finished, or aborted)
