@@ -69,7 +69,7 @@ static int submit_spans(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const span_
     if ((rc = ce_dev_enter(ctx, d))) return rc;
     CUstream s = ctx->dev[d].copy;
     if (!(op = ce_op_new(ctx, OP_GPU, &id))) return CE_E_NOMEM;
-    if ((rc = op_events(op, d)) || (rc = ce_op_stream_wait(ctx, after, d, s))) {
+    if ((rc = op_events(op, d)) || (rc = ce_op_stream_wait(ctx, after, s))) {
       ce_op_discard(op);
       return rc;
     }
@@ -277,7 +277,7 @@ int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_offset,
   for (int d = 0; d < ctx->ndev; d++) {
     if ((rc = ce_dev_enter(ctx, d)) || (rc = op_events(op, d))) goto fail;
     /* Only the root reads what the H2D wrote; the other ranks' order comes from NCCL itself. */
-    if (d == local_root && (rc = ce_op_stream_wait(ctx, after, d, ctx->dev[d].comm))) goto fail;
+    if (d == local_root && (rc = ce_op_stream_wait(ctx, after, ctx->dev[d].comm))) goto fail;
     if ((r = cu.cuEventRecord(op->start[d], ctx->dev[d].comm)) != CUDA_SUCCESS) {
       rc = ce_cuda_fail(r, "cuEventRecord on GPU %d", ctx->dev[d].ordinal);
       goto fail;

@@ -115,7 +115,8 @@ CE_API int ce_ctx_stats(ce_ctx_t *ctx, uint64_t *stats, uint64_t len);
 
 /* ---- host regions ---- */
 
-/* Allocates a page-locked host region of `bytes` (cuMemHostAlloc, portable; CPU: anonymous mmap).
+/* Allocates a page-locked host region of `bytes` (anonymous memory, huge pages where allowed, pinned
+ * with cuMemHostRegister in parallel chunks, portable; CPU: not pinned).
  * Async: the region id is valid at once, usable when the op completes. */
 CE_API int ce_region_alloc(ce_ctx_t *ctx, uint64_t bytes, uint32_t *region_out, uint64_t *op_out);
 /* Maps a file read-only and, with CE_REGION_PIN, page-locks the mapping in place in `threads`

@@ -123,6 +123,7 @@ static int compare_job(ce_op_t *op) {
 int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_t region, uint64_t region_offset,
                       uint64_t bytes, uint64_t *op_out) {
   if (!ctx || !buf || !op_out) return ce_fail(CE_E_INVAL, "ce_compare_submit: NULL argument");
+  if (buf->ctx != ctx) return ce_fail(CE_E_INVAL, "ce_compare_submit: buffer belongs to another context");
   ce_region_t *r = ce_region_get(ctx, region);
   if (!r) return CE_E_INVAL;
   if (buf_offset > buf->bytes || bytes > buf->bytes - buf_offset || region_offset > r->bytes ||

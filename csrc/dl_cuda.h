@@ -19,7 +19,6 @@ typedef struct { char bytes[16]; } CUuuid;
 #define CUDA_SUCCESS 0
 #define CUDA_ERROR_NOT_READY 600
 #define CUDA_ERROR_OUT_OF_MEMORY 2
-#define CU_MEMHOSTALLOC_PORTABLE 0x01
 #define CU_MEMHOSTREGISTER_PORTABLE 0x01
 #define CU_MEMHOSTREGISTER_READ_ONLY 0x08
 #define CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS 0x1
@@ -64,10 +63,6 @@ typedef struct { char bytes[16]; } CUuuid;
   CE_CU(cuMemAlloc, "cuMemAlloc_v2", CUresult, (CUdeviceptr *, size_t))                                 \
   /* CUresult cuMemFree(CUdeviceptr dptr);  cuda.h: _v2 */                                              \
   CE_CU(cuMemFree, "cuMemFree_v2", CUresult, (CUdeviceptr))                                             \
-  /* CUresult cuMemHostAlloc(void **pp, size_t bytesize, unsigned int Flags); */                        \
-  CE_CU(cuMemHostAlloc, "cuMemHostAlloc", CUresult, (void **, size_t, unsigned int))                    \
-  /* CUresult cuMemFreeHost(void *p); */                                                                \
-  CE_CU(cuMemFreeHost, "cuMemFreeHost", CUresult, (void *))                                             \
   /* CUresult cuMemHostRegister(void *p, size_t bytesize, unsigned int Flags);  cuda.h: _v2 */          \
   CE_CU(cuMemHostRegister, "cuMemHostRegister_v2", CUresult, (void *, size_t, unsigned int))            \
   /* CUresult cuMemHostUnregister(void *p); */                                                          \

@@ -24,10 +24,10 @@ double ce_now_ms(void); /* CLOCK_MONOTONIC */
 
 /* ---- regions (pinned.c) ---- */
 enum { REGION_FREE = 0, REGION_PENDING, REGION_READY, REGION_FAILED };
-enum { REGION_ALLOC_CUDA = 1, REGION_ALLOC_ANON, REGION_MAP_FILE };
+enum { REGION_ALLOC_ANON = 1, REGION_MAP_FILE };
 
 typedef struct {
-  int state;
+  _Atomic int state; /* set by the pinning thread, read by the caller's */
   int kind;
   uint8_t *base;
   uint64_t bytes;
@@ -133,12 +133,14 @@ void ce_op_hold_region(ce_op_t *op, uint32_t region);
 void ce_op_hold_buf(ce_op_t *op, struct ce_buf *buf);
 /* Looks an id up; NULL (with last error) when unknown or already collected. */
 ce_op_t *ce_op_find(ce_ctx_t *ctx, uint64_t id);
-/* Makes stream s (device d) wait for op `after` (0: none). */
-int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, int d, CUstream s);
+/* Makes stream s wait for op `after` (0: none). */
+int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, CUstream s);
 /* Thread ops: blocks until op `after` is done (0: none). */
 void ce_op_thread_wait(ce_ctx_t *ctx, uint64_t after);
 /* Sets a thread op's error message (the thread's own last error is not the caller's). */
 int ce_op_fail(ce_op_t *op, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+/* Waits for the ops that use buf to finish and drops their hold on it (before it is freed). */
+void ce_ops_forget_buf(ce_ctx_t *ctx, struct ce_buf *buf);
 /* Waits for every op of the context (destroy). */
 void ce_ops_drain(ce_ctx_t *ctx);
 void ce_ops_free(ce_ctx_t *ctx);

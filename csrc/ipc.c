@@ -5,12 +5,10 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 static _Atomic uint32_t shm_counter;
@@ -187,18 +185,9 @@ static void buf_free(ce_buf_t *b) {
 
 void ce_buf_destroy(ce_buf_t *b) {
   if (!b) return;
-  /* Ops still copying into or out of the buffer finish first: freeing under a DMA corrupts
-   * whatever the allocator hands out next. */
-  struct timespec nap = {0, 50000};
-  while (atomic_load(&b->inflight) > 0) {
-    if (b->ctx->backend == CE_BACKEND_CUDA) {
-      ce_dev_enter(b->ctx, b->dev);
-      cu.cuStreamSynchronize(b->ctx->dev[b->dev].copy);
-      cu.cuStreamSynchronize(b->ctx->dev[b->dev].comm);
-      break;
-    }
-    nanosleep(&nap, NULL);
-  }
+  /* Ops still copying into or out of the buffer finish first (freeing under a DMA corrupts
+   * whatever the allocator hands out next), and forget it, collected or not. */
+  ce_ops_forget_buf(b->ctx, b);
   buf_unlink(b->ctx, b);
   buf_free(b);
 }

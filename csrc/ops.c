@@ -143,13 +143,20 @@ ce_op_t *ce_op_find(ce_ctx_t *ctx, uint64_t id) {
   return op;
 }
 
-int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, int d, CUstream s) {
-  (void)d;
+/* The op in slot if it still carries generation gen, else NULL. The table may be reallocated by
+ * ce_op_new on another thread, so the pointer is read under the lock; ops themselves never move. */
+static ce_op_t *op_at(ce_ctx_t *ctx, uint64_t id) {
+  uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+  pthread_mutex_lock(&ctx->mu);
+  ce_op_t *op = slot < ctx->nops ? ctx->ops[slot] : NULL;
+  pthread_mutex_unlock(&ctx->mu);
+  return op && op->in_use && atomic_load(&op->gen) == gen ? op : NULL;
+}
+
+int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, CUstream s) {
   if (!after) return CE_OK;
-  uint32_t slot = (uint32_t)after, gen = (uint32_t)(after >> 32);
-  if (slot >= ctx->nops) return ce_fail(CE_E_INVAL, "after: op %llu is unknown", (unsigned long long)after);
-  ce_op_t *op = ctx->ops[slot];
-  if (!op->in_use || atomic_load(&op->gen) != gen) return CE_OK; /* already collected: done */
+  ce_op_t *op = op_at(ctx, after);
+  if (!op) return CE_OK; /* already collected: done */
   if (op->kind != OP_GPU) return ce_fail(CE_E_STATE, "after: op %llu is not a GPU op", (unsigned long long)after);
   for (int i = 0; i < op->ndevs; i++) {
     CUresult r = cu.cuStreamWaitEvent(s, op->end[op->devs[i]], 0);
@@ -160,12 +167,44 @@ int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, int d, CUstream s) {
 
 void ce_op_thread_wait(ce_ctx_t *ctx, uint64_t after) {
   if (!after) return;
-  uint32_t slot = (uint32_t)after, gen = (uint32_t)(after >> 32);
-  if (slot >= ctx->nops) return;
-  ce_op_t *op = ctx->ops[slot];
+  ce_op_t *op = op_at(ctx, after);
+  if (!op) return;
+  uint32_t gen = (uint32_t)(after >> 32);
   struct timespec nap = {0, 20000};
   while (op->in_use && atomic_load(&op->gen) == gen && !atomic_load_explicit(&op->done, memory_order_acquire))
     nanosleep(&nap, NULL);
+}
+
+/* Waits until op's work is done on the device or its thread: not collected, just finished. */
+static void op_finish(ce_ctx_t *ctx, ce_op_t *op) {
+  if (op->kind == OP_THREAD) {
+    struct timespec nap = {0, 20000};
+    while (!atomic_load_explicit(&op->done, memory_order_acquire)) nanosleep(&nap, NULL);
+    return;
+  }
+  for (int k = 0; k < op->ndevs; k++) {
+    ce_dev_enter(ctx, op->devs[k]);
+    cu.cuEventSynchronize(op->end[op->devs[k]]);
+  }
+}
+
+void ce_ops_forget_buf(ce_ctx_t *ctx, struct ce_buf *buf) {
+  pthread_mutex_lock(&ctx->mu);
+  uint32_t n = ctx->nops;
+  pthread_mutex_unlock(&ctx->mu);
+  for (uint32_t i = 0; i < n; i++) {
+    pthread_mutex_lock(&ctx->mu);
+    ce_op_t *op = ctx->ops[i];
+    pthread_mutex_unlock(&ctx->mu);
+    if (!op->in_use) continue;
+    for (int b = 0; b < op->nbufs; b++) {
+      if (op->bufs[b] != buf) continue;
+      op_finish(ctx, op);
+      op->bufs[b] = op->bufs[--op->nbufs];
+      atomic_fetch_sub(&buf->inflight, 1);
+      break;
+    }
+  }
 }
 
 /* CE_INPROGRESS, CE_OK or the GPU op's error; fills times when done. */
@@ -241,14 +280,8 @@ void ce_ops_drain(ce_ctx_t *ctx) {
   for (uint32_t i = 0; i < ctx->nops; i++) {
     ce_op_t *op = ctx->ops[i];
     if (!op->in_use) continue;
-    if (op->kind == OP_THREAD) {
-      pthread_join(op->thread, NULL);
-    } else {
-      for (int k = 0; k < op->ndevs; k++) {
-        ce_dev_enter(ctx, op->devs[k]);
-        cu.cuEventSynchronize(op->end[op->devs[k]]);
-      }
-    }
+    op_finish(ctx, op);
+    if (op->kind == OP_THREAD) pthread_join(op->thread, NULL);
     op_collect(op);
   }
 }

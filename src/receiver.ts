@@ -143,8 +143,9 @@ class Receiver {
     for (const name of expected.keys()) {
       if (!this.received.has(name)) throw new InputError("E_VERIFY", `verify: tensor ${name} never arrived`);
     }
-    const regions = files.map((path) => this.ctx.regionMapFile(path, { pin: false, threads: 1 }));
+    const regions: { region: number; op: bigint }[] = [];
     try {
+      for (const path of files) regions.push(this.ctx.regionMapFile(path, { pin: false, threads: 1 }));
       await Promise.all(regions.map((r, i) => this.ctx.wait(r.op, { timeoutMs: OP_TIMEOUT_MS, what: `mapping ${files[i]}` })));
       // Tensors contiguous both in the parameters and in one file are compared in one go.
       const runs: { file: number; fileOffset: number; paramOffset: number; bytes: number; names: string[] }[] = [];
@@ -172,7 +173,8 @@ class Receiver {
         }
       }
     } finally {
-      for (const r of regions) await this.ctx.wait(this.ctx.regionRelease(r.region), { timeoutMs: OP_TIMEOUT_MS, what: "unmapping" });
+      // Every mapping goes, even if one release fails; a failure here must not hide the verdict.
+      await Promise.allSettled(regions.map((r) => this.ctx.wait(this.ctx.regionRelease(r.region), { timeoutMs: OP_TIMEOUT_MS, what: "unmapping" })));
     }
   }
 
@@ -203,7 +205,7 @@ export async function runReceiver(opts: ReceiverOptions): Promise<void> {
         const { req, ipcHandle } = parseRequest(frames);
         reply = await rx.handle(req, ipcHandle);
       } catch (err) {
-        // The slot must not stay mapped after a failed session op; ce aborts the update anyway.
+        // The session stays as it was; ce answers a failed op with abort, which drops the mapping.
         const code = err instanceof CeError ? `${err.code}: ` : "";
         log.debug(`op failed: ${errorMessage(err)}`);
         reply = { ok: false, error: `${code}${errorMessage(err)}` };

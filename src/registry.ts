@@ -5,7 +5,8 @@ import { statfsSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { assertUnchanged, type Checkpoint } from "./checkpoint";
 import { config } from "./config";
-import { CeError, InputError } from "./errors";
+import { CeError, InputError, NativeError, errorMessage } from "./errors";
+import { logger } from "./log";
 import type { Ctx } from "./native/ce";
 
 /** statfs f_type of tmpfs and ramfs: files there are already in RAM, so pinning them in place copies nothing. */
@@ -38,6 +39,8 @@ export function onRamFs(path: string): boolean {
 
 const OP_TIMEOUT_MS = 10 * 60_000;
 
+const log = logger("registry");
+
 /** CE_PIN_THREADS, or one per core (at most 32): pinning is bound by page walks, which scale with threads. */
 export function pinThreads(): number {
   const n = Number(config.CE_PIN_THREADS);
@@ -56,35 +59,37 @@ export async function register(
   // Files pin concurrently; the thread budget is shared between them.
   const perFile = Math.max(1, Math.ceil(totalThreads / Math.min(ckpt.files.length, totalThreads)));
   const files: RegisteredFile[] = [];
-  const pending: Promise<unknown>[] = [];
-  try {
-    for (const f of ckpt.files) {
-      const inPlace = opts.inPlace ?? onRamFs(f.path);
-      if (inPlace) {
-        const m = ctx.regionMapFile(f.path, { pin: true, threads: perFile });
-        files.push({ path: f.path, region: m.region, bytes: m.bytes, inPlace });
-        pending.push(ctx.wait(m.op, { timeoutMs: OP_TIMEOUT_MS, what: `pinning ${f.path}` }));
-      } else {
-        const a = ctx.regionAlloc(f.size);
-        files.push({ path: f.path, region: a.region, bytes: f.size, inPlace });
-        pending.push(
-          ctx.wait(a.op, { timeoutMs: OP_TIMEOUT_MS, what: `allocating pinned memory for ${f.path}` }).then(() =>
-            ctx.wait(ctx.regionReadFile(a.region, 0, f.path, 0, f.size, perFile), {
-              timeoutMs: OP_TIMEOUT_MS,
-              what: `reading ${f.path}`,
-            }),
-          ),
-        );
-      }
+  const copyIn = async (path: string, size: number): Promise<void> => {
+    const a = ctx.regionAlloc(size);
+    files.push({ path, region: a.region, bytes: size, inPlace: false });
+    await ctx.wait(a.op, { timeoutMs: OP_TIMEOUT_MS, what: `allocating pinned memory for ${path}` });
+    await ctx.wait(ctx.regionReadFile(a.region, 0, path, 0, size, perFile), { timeoutMs: OP_TIMEOUT_MS, what: `reading ${path}` });
+  };
+  const pinInPlace = async (path: string, size: number): Promise<void> => {
+    const m = ctx.regionMapFile(path, { pin: true, threads: perFile });
+    const entry = { path, region: m.region, bytes: m.bytes, inPlace: true };
+    files.push(entry);
+    try {
+      await ctx.wait(m.op, { timeoutMs: OP_TIMEOUT_MS, what: `pinning ${path}` });
+    } catch (err) {
+      // Pinning a read-only mapping needs the GPU's read-only host registration; without it the
+      // file is read into pinned memory instead, which costs a copy but works everywhere.
+      if (!(err instanceof NativeError) || err.code !== "CE_E_CUDA") throw err;
+      log.warn(`pinning ${path} in place failed (${err.message}); reading it into pinned memory instead`);
+      files.splice(files.indexOf(entry), 1);
+      await ctx.wait(ctx.regionRelease(m.region), { timeoutMs: OP_TIMEOUT_MS, what: `unmapping ${path}` });
+      await copyIn(path, size);
     }
+  };
+  const pending = ckpt.files.map((f) => ((opts.inPlace ?? onRamFs(f.path)) ? pinInPlace(f.path, f.size) : copyIn(f.path, f.size)));
+  try {
     const results = await Promise.allSettled(pending);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) throw (failed as PromiseRejectedResult).reason;
     // A file rewritten while it was being read or pinned must not be used.
     await assertUnchanged(ckpt);
   } catch (err) {
-    await Promise.allSettled(pending);
-    await releaseFiles(ctx, files);
+    await releaseFiles(ctx, files).catch((releaseErr) => log.warn(errorMessage(releaseErr)));
     if (err instanceof CeError) throw err;
     throw new InputError("E_REGISTER", `registering ${ckpt.root}: ${(err as Error).message}`, { cause: err });
   }
@@ -98,16 +103,13 @@ export async function register(
   };
 }
 
+/** Unpins every file, all of them even when some fail; then throws the failures, naming the files. */
 async function releaseFiles(ctx: Ctx, files: RegisteredFile[]): Promise<void> {
-  const ops = [];
-  for (const f of files) {
-    try {
-      ops.push(ctx.wait(ctx.regionRelease(f.region), { timeoutMs: OP_TIMEOUT_MS, what: `unpinning ${f.path}` }));
-    } catch {
-      // a region whose pinning failed is already gone
-    }
-  }
-  await Promise.all(ops);
+  const results = await Promise.allSettled(
+    files.map((f) => ctx.wait(ctx.regionRelease(f.region), { timeoutMs: OP_TIMEOUT_MS, what: `unpinning ${f.path}` })),
+  );
+  const failures = results.flatMap((r) => (r.status === "rejected" ? [errorMessage(r.reason)] : []));
+  if (failures.length) throw new CeError("E_UNREGISTER", `releasing pinned memory failed: ${failures.join("; ")}`);
 }
 
 /** Unpins every file; returns the wall seconds it took. */

@@ -9,9 +9,9 @@
 import { assertUnchanged, tensorRefs } from "./checkpoint";
 import type { Device } from "./devices";
 import type { Engine } from "./engines/types";
-import { CeError, TimeoutError, WorkerError, errorMessage } from "./errors";
+import { CeError, NativeError, TimeoutError, WorkerError, errorMessage } from "./errors";
 import { gbps, logger } from "./log";
-import { type Buf, type Ctx, type OpId, type OpResult, cudaMemInfo, ncclUniqueId } from "./native/ce";
+import { type Buf, type Ctx, type OpId, type OpResult, cudaMemInfo, ncclLoad, ncclUniqueId } from "./native/ce";
 import { autoSize, planBuckets, spreadOverRanks, type Bucket, type Plan } from "./planner";
 import { type OpName, PROTOCOL_VERSION, type Reply, type Request, encodeRequest, parseReply } from "./protocol";
 import type { Registration } from "./registry";
@@ -191,7 +191,13 @@ export class UpdateSession {
       for (const b of [...ipc, ...stage]) b.close();
       throw err;
     }
-    const handles = this.ctx.backend === "cuda" ? ipc.map((b) => b.ipcHandle()) : [];
+    let handles: Uint8Array[];
+    try {
+      handles = this.ctx.backend === "cuda" ? ipc.map((b) => b.ipcHandle()) : [];
+    } catch (err) {
+      for (const b of [...ipc, ...stage]) b.close();
+      throw err;
+    }
     this.#bufs = { slotBytes, slots, staging, ipc, stage, handles };
     return { bufs: this.#bufs, seconds: (performance.now() - t0) / 1000 };
   }
@@ -253,6 +259,7 @@ export class UpdateSession {
     const { bufs } = this.#buffers(plan.slotBytes, slots, staging);
     const tBufs = performance.now();
     if (this.broadcast && ctx.backend === "cuda" && !this.#ncclReady) {
+      ncclLoad();
       await ctx.wait(ctx.ncclInit(ncclUniqueId(), devices.length, 0), { timeoutMs: req.timeoutMs, what: "creating NCCL communicators" });
       this.#ncclReady = true;
     }
@@ -275,10 +282,14 @@ export class UpdateSession {
     const pending = new Set<OpId>();
     const waitOp = async (op: OpId, what: string): Promise<OpResult> => {
       try {
-        return await ctx.wait(op, { timeoutMs: req.timeoutMs, what, signal: stop.signal });
-      } finally {
-        // collected on success and on failure; an abort leaves it to the drain below
-        if (!stop.signal.aborted) pending.delete(op);
+        const r = await ctx.wait(op, { timeoutMs: req.timeoutMs, what, signal: stop.signal });
+        pending.delete(op);
+        return r;
+      } catch (err) {
+        // A failed op is collected with its error; a wait that timed out or was aborted leaves
+        // the op running, for the drain in #recover.
+        if (err instanceof NativeError) pending.delete(op);
+        throw err;
       }
     };
     const request = async (d: number, frames: Uint8Array[], op: OpName, what: string): Promise<Reply> => {
@@ -294,7 +305,12 @@ export class UpdateSession {
         }
         throw err;
       }
-      const reply = parseReply(replyFrames, op);
+      let reply: Reply;
+      try {
+        reply = parseReply(replyFrames, op);
+      } catch (err) {
+        throw new WorkerError("E_PROTOCOL", `${label} answered ${what} with a malformed reply: ${errorMessage(err)}`);
+      }
       if (!reply.ok) throw new WorkerError("E_WORKER", `${label} failed ${what}: ${reply.error}`);
       return reply;
     };
@@ -397,7 +413,12 @@ export class UpdateSession {
       await Promise.race([engineCall, aborted(stop.signal)]);
     } catch (err) {
       fail(err);
-      await this.#recover(pending, String(errorMessage(cause)));
+      try {
+        await this.#recover(pending, String(errorMessage(cause)));
+      } catch (recoverErr) {
+        // The user needs the first cause; the recovery's own failure goes to the log.
+        log.warn(`recovering from the failed update: ${errorMessage(recoverErr)}`);
+      }
       throw cause;
     } finally {
       clearTimeout(deadline);
@@ -454,11 +475,14 @@ export class UpdateSession {
         .request(encodeRequest({ op: "abort", reason }), { timeoutMs: ABORT_REPLY_TIMEOUT_MS, what: "reply to abort" })
         .catch(() => undefined),
     );
-    if (!(await this.#drain(pending)) && this.#ncclReady) {
-      log.warn("a broadcast did not finish after the failure: aborting the NCCL communicators");
+    const drained = await this.#drain(pending);
+    // Communicators that saw a failed or unfinished broadcast must not be reused, and a failure
+    // elsewhere may have left a peer mid-collective: abort them; the next update makes new ones.
+    if (this.#ncclReady) {
+      if (!drained) log.warn("a broadcast did not finish after the failure: aborting the NCCL communicators");
       this.ctx.ncclAbort();
       this.#ncclReady = false;
-      await this.#drain(pending);
+      if (!drained) await this.#drain(pending);
     }
     await Promise.all(aborts);
     this.#freeBuffers();

@@ -57,7 +57,7 @@ export default defineCommand({
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
     trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace", valueHint: "FILE" },
-    timeout: { type: "string", description: "deadline for each update", default: "10m", valueHint: "10m" },
+    timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
     ...deviceArgs,
     ...planArgs,
     ...outputArgs,
@@ -69,7 +69,7 @@ export default defineCommand({
     const slotsSpec = args.slots ?? config.CE_SLOTS;
     const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
     const slots = parseSlots(slotsSpec);
-    const timeoutMs = parseDuration(args.timeout, "--timeout");
+    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
     checkSetupOptions({ ...args, engine: "workers" });
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);

@@ -49,7 +49,8 @@ export function diagnose(): Report {
       for (let i = 0; i < n; i++) gpus.push(cudaDeviceInfo(i));
       return `${n}`;
     }),
-    probe("NCCL", true, () => {
+    // NCCL carries the broadcast between a host's GPUs: one GPU does without it.
+    probe("NCCL", gpus.length !== 1, () => {
       const { version } = ncclLoad();
       return `${Math.floor(version / 10000)}.${Math.floor(version / 100) % 100}.${version % 100} (${libPath("nccl")})`;
     }),

@@ -34,6 +34,7 @@ function pythonPath(): string | undefined {
 }
 
 const STDERR_TAIL_LINES = 20;
+const STOP_GRACE_MS = 3_000;
 
 class WorkerProcess {
   readonly proc: Subprocess<"pipe", "ignore", "pipe">;
@@ -80,7 +81,9 @@ class WorkerProcess {
       // already closed
     }
     this.proc.kill("SIGTERM");
-    return this.proc.exited;
+    // A worker stuck in native code never gets to its SIGTERM handler: kill it after a grace period.
+    const kill = setTimeout(() => this.proc.kill("SIGKILL"), STOP_GRACE_MS);
+    return this.proc.exited.finally(() => clearTimeout(kill));
   }
 }
 

@@ -264,6 +264,8 @@ export interface ContextStats {
 /** One libce context: devices, streams, regions, buffers and ops. */
 export class Ctx {
   #handle: Pointer | null;
+  /** Buffers made here: the context's destroy frees them in C, so their handles die with it. */
+  readonly #bufs = new Set<Buf>();
   readonly backend: Backend;
   readonly devices: readonly number[];
   /** performance.now() at the last clock reset: op times are relative to it */
@@ -347,7 +349,7 @@ export class Ctx {
     const dir = cstr(opts.shmDir ?? config.CE_SHM_DIR);
     const what = `allocating ${bytes} bytes on ${this.deviceName(dev)}`;
     check(libce().ce_buf_alloc(this.handle, dev, bytes, opts.ipc ? 1 : 0, dir, out), what);
-    return new Buf(this, ptrOf(out, what), dev, bytes);
+    return this.#adopt(new Buf(this, ptrOf(out, what), dev, bytes));
   }
 
   bufOpenIpc(dev: number, handle: Uint8Array, bytes: number): Buf {
@@ -355,14 +357,14 @@ export class Ctx {
     const out = new BigUint64Array(1);
     const what = `opening an IPC buffer on ${this.deviceName(dev)}`;
     check(libce().ce_buf_open_ipc(this.handle, dev, handle, bytes, out), what);
-    return new Buf(this, ptrOf(out, what), dev, bytes);
+    return this.#adopt(new Buf(this, ptrOf(out, what), dev, bytes));
   }
 
   bufOpenPath(path: string, bytes: number): Buf {
     const out = new BigUint64Array(1);
     const p = cstr(path);
     check(libce().ce_buf_open_path(this.handle, p, bytes, out), `opening ${path}`);
-    return new Buf(this, ptrOf(out, path), 0, bytes);
+    return this.#adopt(new Buf(this, ptrOf(out, path), 0, bytes));
   }
 
   /** copies: (region, srcOffset, dstOffset, bytes) quadruples. */
@@ -439,6 +441,18 @@ export class Ctx {
     if (this.#handle === null) return;
     libce().ce_ctx_destroy(this.#handle);
     this.#handle = null;
+    for (const b of this.#bufs) b.invalidate();
+    this.#bufs.clear();
+  }
+
+  #adopt(b: Buf): Buf {
+    this.#bufs.add(b);
+    return b;
+  }
+
+  /** Called by Buf.close(). */
+  forget(b: Buf): void {
+    this.#bufs.delete(b);
   }
 
   [Symbol.dispose](): void {
@@ -485,6 +499,12 @@ export class Buf {
   close(): void {
     if (this.#handle === null) return;
     libce().ce_buf_destroy(this.#handle);
+    this.#handle = null;
+    this.ctx.forget(this);
+  }
+
+  /** The context was destroyed, and this buffer with it. */
+  invalidate(): void {
     this.#handle = null;
   }
 
