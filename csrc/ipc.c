@@ -61,8 +61,11 @@ int ce_buf_alloc(ce_ctx_t *ctx, int dev, uint64_t bytes, int ipc, const char *sh
       rc = ce_fail(CE_E_IO, "creating %s: %s", b->path, strerror(errno));
       goto fail;
     }
-    if (ftruncate(fd, (off_t)bytes) != 0) {
-      rc = ce_fail(CE_E_NOMEM, "sizing %s to %llu bytes: %s", b->path, (unsigned long long)bytes, strerror(errno));
+    /* Allocated now, not sparse: a shared-memory file system that runs out later would kill
+     * the process with SIGBUS in the middle of a copy instead of failing here. */
+    int e = posix_fallocate(fd, 0, (off_t)bytes);
+    if (e != 0) {
+      rc = ce_fail(CE_E_NOMEM, "allocating %llu bytes for %s: %s", (unsigned long long)bytes, b->path, strerror(e));
       close(fd);
       unlink(b->path);
       goto fail;

@@ -253,10 +253,27 @@ export class UpdateSession {
 
     // Refuse a checkpoint whose files changed since registration before anything moves.
     await assertUnchanged(ckpt);
-    const { plan, slots, staging, fallbacks } = this.plan(reg, req);
+    const planned = this.plan(reg, req);
+    const { plan, fallbacks } = planned;
+    let { slots, staging } = planned;
     for (const f of fallbacks) log.warn(f);
     const tPlan = performance.now();
-    const { bufs } = this.#buffers(plan.slotBytes, slots, staging);
+    let bufs: Buffers;
+    for (;;) {
+      try {
+        bufs = this.#buffers(plan.slotBytes, slots, staging).bufs;
+        break;
+      } catch (err) {
+        // Free memory can shrink between reading it and allocating (another process, fragmentation):
+        // a smaller plan that fits beats failing. Fewer staging buffers first, then fewer slots.
+        if (!(err instanceof NativeError && err.code === "CE_E_NOMEM") || slots + staging <= 1 || (slots === 1 && staging <= 1)) throw err;
+        if (staging > 1) staging--;
+        else slots--;
+        const f = `device memory ran short allocating the slot buffers (${errorMessage(err)}): retrying with ${slots} slot${slots === 1 ? "" : "s"} and ${staging} staging`;
+        log.warn(f);
+        fallbacks.push(f);
+      }
+    }
     const tBufs = performance.now();
     if (this.broadcast && ctx.backend === "cuda" && !this.#ncclReady) {
       ncclLoad();

@@ -753,3 +753,45 @@ describe.skipIf(!py.ok)(`an update into Python workers (${py.ok ? `${py.python}:
     TEST_MS,
   );
 });
+
+/** A small tmpfs for the slot buffers, when this process may mount one (root); else the reason. */
+function mountSmallShm(bytes: number): { dir?: string; reason: string } {
+  const dir = join(tmpdir(), `ce-small-shm-${process.pid}`);
+  Bun.spawnSync(["mkdir", "-p", dir]);
+  const r = Bun.spawnSync(["mount", "-t", "tmpfs", "-o", `size=${bytes}`, "tmpfs", dir], { stderr: "pipe" });
+  if (r.exitCode !== 0) return { reason: `cannot mount a tmpfs here: ${r.stderr.toString().trim() || `exit ${r.exitCode}`}` };
+  return { dir, reason: `a ${bytes >> 20} MiB tmpfs` };
+}
+
+const smallShm = mountSmallShm(5 << 20);
+
+describe.skipIf(!smallShm.dir)(`slot buffers that do not fit where they were planned (${smallShm.reason})`, () => {
+  afterAll(() => {
+    Bun.spawnSync(["umount", smallShm.dir!]);
+  });
+
+  test(
+    "an update whose planned slots fail to allocate retries with fewer slots instead of failing",
+    async () => {
+      const tc = await smallCheckpoint({ seed: 41, files: 1, tensorsPerFile: 200, largestBytes: 1 << 20 });
+      try {
+        // 3 slots of 2 MiB do not fit in 5 MiB; 2 do. The session believes 8 GiB are free.
+        const proc = Bun.spawn([process.execPath, join(import.meta.dir, "../helpers/small-shm-update.ts"), tc.dir.path, String(2 << 20)], {
+          env: { ...process.env, CE_SHM_DIR: smallShm.dir! },
+          stdout: "pipe",
+          stderr: "pipe",
+        });
+        const [out, err, code] = await within(60_000, "the small-shm update", Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text(), proc.exited]));
+        expect({ code, err: code === 0 ? "" : err }).toEqual({ code: 0, err: "" });
+        const s = JSON.parse(out) as { slots: number; buckets: number; tensors: number; fallbacks: string[] };
+        expect(s.buckets).toBeGreaterThan(2);
+        expect(s.slots).toBe(2);
+        expect(s.tensors).toBe(tc.tensors);
+        expect(s.fallbacks.join("\n")).toContain("retrying with 2 slots");
+      } finally {
+        await tc.dir.cleanup();
+      }
+    },
+    90_000,
+  );
+});
