@@ -1,21 +1,67 @@
-// ce serve: the per-host daemon (registered checkpoints kept pinned, updates on request).
+// ce serve: the per-host daemon. Checkpoints stay registered (pinned) and the update session
+// stays warm between updates; an HTTP API on loopback drives it.
 import { defineCommand } from "citty";
-import { CeError } from "../errors";
-import { deviceArgs, outputArgs } from "./_args";
+import { config } from "../config";
+import { UsageError } from "../errors";
+import { log, writeJson } from "../log";
+import { Daemon, route } from "../serve";
+import { checkSetupOptions, openUpdater, parseSlots } from "../setup";
+import { parseDuration, parseSize } from "../units";
+import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
 export default defineCommand({
   meta: {
     name: "serve",
-    description: "run the per-host daemon that keeps checkpoints pinned and updates engines on request (not in this release: use ce update)",
+    description:
+      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME",
   },
   args: {
-    port: { type: "string", description: "HTTP port for the control API", default: "8711", valueHint: "PORT" },
+    port: { type: "string", description: "HTTP port for the control API (0: any free port, printed at start)", default: "8711", valueHint: "PORT" },
+    host: { type: "string", description: "address to listen on (loopback by default: the API has no authentication)", default: "127.0.0.1", valueHint: "ADDR" },
+    timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
+    ...engineArgs,
     ...deviceArgs,
+    ...planArgs,
     ...outputArgs,
   },
-  run() {
-    throw new CeError("E_NOT_AVAILABLE", "ce serve is not in this release", {
-      hint: "ce update does one update from the command line; the daemon comes in a later release",
+  async run({ args }) {
+    const port = Number(args.port);
+    if (!Number.isSafeInteger(port) || port < 0 || port > 65535) throw new UsageError(`--port "${args.port}" is not a port number`);
+    const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
+    const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
+    const slots = parseSlots(args.slots ?? config.CE_SLOTS);
+    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
+    checkSetupOptions(args);
+
+    const up = await openUpdater({
+      device: args.device,
+      devices: args.devices,
+      engine: args.engine,
+      endpoint: args.endpoint,
+      worker: args.worker,
+      verify: args.verify,
+      opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
+      forceBroadcast: args.broadcast,
     });
+    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs });
+    let server: ReturnType<typeof Bun.serve>;
+    try {
+      server = Bun.serve({ hostname: args.host, port, fetch: (req) => route(daemon, req) });
+    } catch (err) {
+      await daemon.close();
+      throw new UsageError(`cannot listen on ${args.host}:${port}: ${(err as Error).message}`);
+    }
+    const url = `http://${args.host}:${server.port}`;
+    if (args.json) writeJson({ ok: true, listening: url });
+    else log.info(`ce serve listening on ${url} (${up.engine.description})`);
+
+    // Runs until SIGINT or SIGTERM; then every registration, buffer and worker is released.
+    await new Promise<void>((resolve) => {
+      process.once("SIGINT", () => resolve());
+      process.once("SIGTERM", () => resolve());
+    });
+    log.info("stopping: releasing checkpoints, buffers and workers");
+    await server.stop(true);
+    await daemon.close();
   },
 });

@@ -8,7 +8,7 @@ import { register, unregister } from "../registry";
 import { summaryLines, writeTrace } from "../report";
 import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, synthesize } from "../setup";
 import { parseDuration, parseSize } from "../units";
-import { deviceArgs, outputArgs, planArgs } from "./_args";
+import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
 export const updateArgs = {
   checkpoint: {
@@ -21,15 +21,11 @@ export const updateArgs = {
     description: "instead of --checkpoint: write a random checkpoint of this architecture's shapes (Qwen3-0.6B, Qwen3-8B, Qwen3-30B-A3B, or a shapes file) and update from it",
     valueHint: "MODEL",
   },
-  engine: { type: "string", description: "vllm, external, or workers (ce starts its own receivers); default: vllm with --endpoint, else workers", valueHint: "KIND" },
-  endpoint: { type: "string", description: "the engine's URL (vllm: the server, e.g. http://127.0.0.1:8000; external: the exact URL)", valueHint: "URL" },
-  worker: { type: "string", description: "with --engine workers: ref (built-in, no Python) or python (torch)", valueHint: "ref|python" },
-  verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
   name: { type: "string", description: "checkpoint name sent to workers (default: the path's last part)", valueHint: "NAME" },
   version: { type: "string", description: "checkpoint version number sent to workers", default: "1", valueHint: "N" },
   timeout: { type: "string", description: `deadline for the whole update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
-  broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
   trace: { type: "string", description: "write the per-bucket timeline as a Chrome trace (open in Perfetto)", valueHint: "FILE" },
+  ...engineArgs,
   ...deviceArgs,
   ...planArgs,
   ...outputArgs,
