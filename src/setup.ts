@@ -15,6 +15,7 @@ import { Ctx } from "./native/ce";
 import { onRamFs } from "./registry";
 import { tensorBytes } from "./safetensors";
 import { loadShapes, writeSyntheticCheckpoint } from "./synth";
+import { parseDuration } from "./units";
 import { UpdateSession } from "./update";
 
 const log = logger("setup");
@@ -64,6 +65,28 @@ export function checkSetupOptions(opts: Pick<SetupOptions, "device" | "devices" 
   workerKind(opts.worker);
   resolveBackend(opts.device);
   parseDeviceList(opts.devices, undefined);
+}
+
+/** SetupOptions from the engine and device flags that update, serve and bench share. */
+export function setupOptions(args: {
+  device?: string;
+  devices?: string;
+  engine?: string;
+  endpoint?: string;
+  worker?: string;
+  verify: boolean;
+  broadcast: boolean;
+}): SetupOptions {
+  return {
+    device: args.device,
+    devices: args.devices,
+    engine: args.engine,
+    endpoint: args.endpoint,
+    worker: args.worker,
+    verify: args.verify,
+    opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
+    forceBroadcast: args.broadcast,
+  };
 }
 
 export async function openUpdater(opts: SetupOptions): Promise<Updater> {

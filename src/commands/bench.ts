@@ -7,7 +7,7 @@ import { UsageError } from "../errors";
 import { formatBytes, formatSeconds, gbps, log, writeJson } from "../log";
 import { register, unregister } from "../registry";
 import { writeTrace } from "../report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, synthesize } from "../setup";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../setup";
 import { parseDuration, parseSize } from "../units";
 import type { UpdateSummary } from "../update";
 import { deviceArgs, outputArgs, planArgs } from "./_args";
@@ -84,15 +84,7 @@ export default defineCommand({
     });
     log.info(`checkpoint written in ${formatSeconds((performance.now() - t0) / 1000)}`);
     try {
-      up = await openUpdater({
-        device: args.device,
-        devices: args.devices,
-        worker: args.worker,
-        engine: "workers",
-        verify: args.verify,
-        opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
-        forceBroadcast: args.broadcast,
-      });
+      up = await openUpdater(setupOptions({ ...args, engine: "workers" }));
       try {
         const result = await bench(up, synth.ckpt, { model: args.model, worker: args.worker, repeat, bucketBytes, slots, timeoutMs, copyRegister: args["copy-register"], trace: args.trace });
         if (args.json) writeJson({ ok: true, ...result });

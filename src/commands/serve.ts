@@ -5,7 +5,7 @@ import { config } from "../config";
 import { UsageError } from "../errors";
 import { log, writeJson } from "../log";
 import { Daemon, route } from "../serve";
-import { checkSetupOptions, openUpdater, parseSlots } from "../setup";
+import { checkSetupOptions, openUpdater, parseSlots, setupOptions } from "../setup";
 import { parseDuration, parseSize } from "../units";
 import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
@@ -33,16 +33,7 @@ export default defineCommand({
     const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
     checkSetupOptions(args);
 
-    const up = await openUpdater({
-      device: args.device,
-      devices: args.devices,
-      engine: args.engine,
-      endpoint: args.endpoint,
-      worker: args.worker,
-      verify: args.verify,
-      opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
-      forceBroadcast: args.broadcast,
-    });
+    const up = await openUpdater(setupOptions(args));
     const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs });
     let server: ReturnType<typeof Bun.serve>;
     try {

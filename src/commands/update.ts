@@ -6,7 +6,7 @@ import { UsageError } from "../errors";
 import { Progress, log, writeJson } from "../log";
 import { register, unregister } from "../registry";
 import { summaryLines, writeTrace } from "../report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, synthesize } from "../setup";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../setup";
 import { parseDuration, parseSize } from "../units";
 import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
@@ -57,16 +57,7 @@ export default defineCommand({
       ckpt = await openCheckpoint(args.checkpoint!);
     }
     try {
-      up = await openUpdater({
-        device: args.device,
-        devices: args.devices,
-        engine: args.engine,
-        endpoint: args.endpoint,
-        worker: args.worker,
-        verify: args.verify,
-        opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
-        forceBroadcast: args.broadcast,
-      });
+      up = await openUpdater(setupOptions(args));
       try {
         const name = args.name ?? args.synthetic ?? ckpt.root.split("/").filter(Boolean).at(-1)!;
         const reg = await register(up.ctx, ckpt, { name, version });
