@@ -266,7 +266,7 @@ export class UpdateSession {
       } catch (err) {
         // Free memory can shrink between reading it and allocating (another process, fragmentation):
         // a smaller plan that fits beats failing. Fewer staging buffers first, then fewer slots.
-        if (!(err instanceof NativeError && err.code === "CE_E_NOMEM") || slots + staging <= 1 || (slots === 1 && staging <= 1)) throw err;
+        if (!(err instanceof NativeError && err.code === "CE_E_NOMEM") || (slots === 1 && staging <= 1)) throw err;
         if (staging > 1) staging--;
         else slots--;
         const f = `device memory ran short allocating the slot buffers (${errorMessage(err)}): retrying with ${slots} slot${slots === 1 ? "" : "s"} and ${staging} staging`;
