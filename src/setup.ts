@@ -68,15 +68,9 @@ export function checkSetupOptions(opts: Pick<SetupOptions, "device" | "devices" 
 }
 
 /** SetupOptions from the engine and device flags that update, serve and bench share. */
-export function setupOptions(args: {
-  device?: string;
-  devices?: string;
-  engine?: string;
-  endpoint?: string;
-  worker?: string;
-  verify: boolean;
-  broadcast: boolean;
-}): SetupOptions {
+export function setupOptions(
+  args: Pick<SetupOptions, "device" | "devices" | "engine" | "endpoint" | "worker" | "verify"> & { broadcast: boolean },
+): SetupOptions {
   return {
     device: args.device,
     devices: args.devices,
