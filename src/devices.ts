@@ -64,16 +64,19 @@ export function resolveBackend(spec: string | undefined): Backend {
   throw new UsageError(`--device "${s}": use cuda, cpu or auto`);
 }
 
+/** Bytes free for us in the file system holding dir; undefined when it cannot be read. */
+export function freeBytesIn(dir: string): number | undefined {
+  try {
+    const st = statfsSync(dir);
+    return Number(st.bavail) * Number(st.bsize);
+  } catch {
+    return undefined;
+  }
+}
+
 /** Free memory for CPU-backend slot buffers: RAM, and the shared-memory file system they live in. */
 function cpuFreeBytes(): number {
-  let shm = Number.MAX_SAFE_INTEGER;
-  try {
-    const st = statfsSync(config.CE_SHM_DIR);
-    shm = Number(st.bavail) * Number(st.bsize);
-  } catch {
-    // no statfs: RAM alone bounds it
-  }
-  return Math.min(freemem(), shm);
+  return Math.min(freemem(), freeBytesIn(config.CE_SHM_DIR) ?? Number.MAX_SAFE_INTEGER);
 }
 
 export function resolveDevices(backendSpec: string | undefined, devicesSpec: string | undefined): DeviceSet {

@@ -1,11 +1,11 @@
 // What `ce update`, `ce bench` and `ce serve` all start from: devices, a context, an engine and
 // an update session over them; and a synthetic checkpoint when asked for one.
-import { mkdtempSync, rmSync, statfsSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type { Checkpoint } from "./checkpoint";
 import { config } from "./config";
-import { type DeviceSet, parseDeviceList, resolveBackend, resolveDevices } from "./devices";
+import { type DeviceSet, freeBytesIn, parseDeviceList, resolveBackend, resolveDevices } from "./devices";
 import { HttpEngine } from "./engines/http";
 import type { Engine } from "./engines/types";
 import { type WorkerKind, WorkersEngine } from "./engines/workers";
@@ -123,17 +123,8 @@ export async function openUpdater(opts: SetupOptions): Promise<Updater> {
 /** A scratch directory for synthetic checkpoints: /dev/shm when it has room (in-place pinning), else the temp dir. */
 export function scratchDir(bytesNeeded: number): string {
   const shm = config.CE_SHM_DIR;
-  const base = onRamFs(shm) && freeBytesIn(shm) > bytesNeeded * 1.1 ? shm : tmpdir();
+  const base = onRamFs(shm) && (freeBytesIn(shm) ?? 0) > bytesNeeded * 1.1 ? shm : tmpdir();
   return mkdtempSync(join(base, "ce-synth-"));
-}
-
-function freeBytesIn(dir: string): number {
-  try {
-    const st = statfsSync(dir);
-    return Number(st.bavail) * Number(st.bsize);
-  } catch {
-    return 0;
-  }
 }
 
 /** Synthetic checkpoints on disk now, written or being written: removeSynthetic() deletes them. */

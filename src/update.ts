@@ -175,10 +175,9 @@ export class UpdateSession {
     this.#bufs = undefined;
   }
 
-  #buffers(slotBytes: number, slots: number, staging: number): { bufs: Buffers; seconds: number } {
-    const t0 = performance.now();
+  #buffers(slotBytes: number, slots: number, staging: number): Buffers {
     const have = this.#bufs;
-    if (have && have.slotBytes === slotBytes && have.slots === slots && have.staging === staging) return { bufs: have, seconds: 0 };
+    if (have && have.slotBytes === slotBytes && have.slots === slots && have.staging === staging) return have;
     this.#freeBuffers();
     const ipc: Buf[] = [];
     const stage: Buf[] = [];
@@ -187,19 +186,13 @@ export class UpdateSession {
         ipc.push(this.ctx.bufAlloc(d, slots * slotBytes, { ipc: true }));
         if (staging > 0) stage.push(this.ctx.bufAlloc(d, staging * slotBytes, { ipc: false }));
       }
+      const handles = this.ctx.backend === "cuda" ? ipc.map((b) => b.ipcHandle()) : [];
+      this.#bufs = { slotBytes, slots, staging, ipc, stage, handles };
+      return this.#bufs;
     } catch (err) {
       for (const b of [...ipc, ...stage]) b.close();
       throw err;
     }
-    let handles: Uint8Array[];
-    try {
-      handles = this.ctx.backend === "cuda" ? ipc.map((b) => b.ipcHandle()) : [];
-    } catch (err) {
-      for (const b of [...ipc, ...stage]) b.close();
-      throw err;
-    }
-    this.#bufs = { slotBytes, slots, staging, ipc, stage, handles };
-    return { bufs: this.#bufs, seconds: (performance.now() - t0) / 1000 };
   }
 
   #freeBytes(): number {
@@ -261,7 +254,7 @@ export class UpdateSession {
     let bufs: Buffers;
     for (;;) {
       try {
-        bufs = this.#buffers(plan.slotBytes, slots, staging).bufs;
+        bufs = this.#buffers(plan.slotBytes, slots, staging);
         break;
       } catch (err) {
         // Free memory can shrink between reading it and allocating (another process, fragmentation):
@@ -382,18 +375,16 @@ export class UpdateSession {
         await slotFree[slot];
         if (stop.signal.aborted) break;
         const slotOffset = slot * plan.slotBytes;
-        let h2dOp: OpId;
+        // One device: H2D straight into the slot. Several: into the owner's staging area (refilled
+        // only after the broadcast that last read it, in GPU order), then broadcast into every slot.
+        const s = this.broadcast ? stageNext[b.owner]!++ % staging : 0;
+        const h2dOp = this.broadcast
+          ? ctx.h2d(bufs.stage[b.owner]!, copyList(b, s * plan.slotBytes), lastStage[b.owner]![s])
+          : ctx.h2d(bufs.ipc[0]!, copyList(b, slotOffset));
+        pending.add(h2dOp);
         let bcastOp: OpId | undefined;
-        if (!this.broadcast) {
-          h2dOp = ctx.h2d(bufs.ipc[0]!, copyList(b, slotOffset));
-          pending.add(h2dOp);
-        } else {
-          const s = stageNext[b.owner]!++ % staging;
-          const stageOffset = s * plan.slotBytes;
-          // The staging area is refilled only after the broadcast that last read it (GPU order).
-          h2dOp = ctx.h2d(bufs.stage[b.owner]!, copyList(b, stageOffset), lastStage[b.owner]![s]);
-          pending.add(h2dOp);
-          bcastOp = ctx.bcast(b.owner, bufs.stage[b.owner]!, stageOffset, bufs.ipc, slotOffset, b.bytes, h2dOp);
+        if (this.broadcast) {
+          bcastOp = ctx.bcast(b.owner, bufs.stage[b.owner]!, s * plan.slotBytes, bufs.ipc, slotOffset, b.bytes, h2dOp);
           pending.add(bcastOp);
           lastStage[b.owner]![s] = bcastOp;
         }
