@@ -2,9 +2,9 @@
 // The root command: global flags, lazily loaded verbs, and the one place errors are shown.
 import { type CommandDef, defineCommand, renderUsage, runCommand } from "citty";
 import pkg from "../package.json" with { type: "json" };
-import { config } from "./config";
-import { CeError, UsageError } from "./errors";
-import { log, setLogLevel, writeJson } from "./log";
+import { config } from "./base/config";
+import { CeError, UsageError } from "./base/errors";
+import { log, setLogLevel, writeJson } from "./base/log";
 
 const subCommands: Record<string, () => Promise<CommandDef<any>>> = {
   update: () => import("./commands/update").then((m) => m.default),

@@ -1,15 +1,15 @@
 // ce bench: full updates of a synthetic checkpoint of a real architecture into real workers,
 // measured against the floor of the same host (bytes / the binding ceiling), in the same run.
 import { defineCommand } from "citty";
-import { type Ceilings, floorSeconds, measureCeilings } from "../ceilings";
-import { config } from "../config";
-import { UsageError } from "../errors";
-import { formatBytes, formatSeconds, gbps, log, writeJson } from "../log";
-import { register, unregister } from "../registry";
-import { writeTrace } from "../report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../setup";
-import { parseDuration, parseSize } from "../units";
-import type { UpdateSummary } from "../update";
+import { type Ceilings, floorSeconds, measureCeilings } from "../bench/ceilings";
+import { config } from "../base/config";
+import { UsageError } from "../base/errors";
+import { formatBytes, formatSeconds, gbps, log, writeJson } from "../base/log";
+import { register, unregister } from "../checkpoint/registry";
+import { writeTrace } from "../core/report";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../app/updater";
+import { parseDuration, parseSize } from "../base/units";
+import type { UpdateSummary } from "../core/update";
 import { deviceArgs, outputArgs, planArgs } from "./_args";
 
 interface Stats {

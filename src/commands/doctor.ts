@@ -1,9 +1,9 @@
 // ce doctor: what this host has for ce, and what is missing, in one look.
 import { defineCommand } from "citty";
 import { statfsSync } from "node:fs";
-import { ENV, config } from "../config";
-import { errorMessage } from "../errors";
-import { formatBytes, writeJson } from "../log";
+import { ENV, config } from "../base/config";
+import { errorMessage } from "../base/errors";
+import { formatBytes, writeJson } from "../base/log";
 import { type GpuInfo, cudaDeviceCount, cudaDeviceInfo, cudaLoad, libPath, libcePath, ncclLoad, probeLibrary } from "../native/ce";
 import { zmqLibrary } from "../native/zmq";
 import { outputArgs } from "./_args";

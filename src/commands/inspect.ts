@@ -1,8 +1,8 @@
 // ce inspect PATH: validate a checkpoint's headers and describe it, without reading its data.
 import { defineCommand } from "citty";
-import { openCheckpoint, summarize, type CheckpointSummary } from "../checkpoint";
-import { formatBytes, writeJson } from "../log";
-import { formatShape } from "../safetensors";
+import { openCheckpoint, summarize, type CheckpointSummary } from "../checkpoint/checkpoint";
+import { formatBytes, writeJson } from "../base/log";
+import { formatShape } from "../checkpoint/safetensors";
 import { outputArgs } from "./_args";
 
 export default defineCommand({

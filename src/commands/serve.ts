@@ -1,12 +1,12 @@
 // ce serve: the per-host daemon. Checkpoints stay registered (pinned) and the update session
 // stays warm between updates; an HTTP API on loopback drives it.
 import { defineCommand } from "citty";
-import { config } from "../config";
-import { UsageError } from "../errors";
-import { log, writeJson } from "../log";
-import { Daemon, route } from "../serve";
-import { checkSetupOptions, openUpdater, parseSlots, setupOptions } from "../setup";
-import { parseDuration, parseSize } from "../units";
+import { config } from "../base/config";
+import { UsageError } from "../base/errors";
+import { log, writeJson } from "../base/log";
+import { Daemon, route } from "../serve/daemon";
+import { checkSetupOptions, openUpdater, parseSlots, setupOptions } from "../app/updater";
+import { parseDuration, parseSize } from "../base/units";
 import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
 export default defineCommand({

@@ -1,13 +1,13 @@
 // ce update: one checkpoint into every worker of an engine, once, then exit.
 import { defineCommand } from "citty";
-import { type Checkpoint, openCheckpoint } from "../checkpoint";
-import { config } from "../config";
-import { UsageError } from "../errors";
-import { Progress, log, writeJson } from "../log";
-import { register, unregister } from "../registry";
-import { summaryLines, writeTrace } from "../report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../setup";
-import { parseDuration, parseSize } from "../units";
+import { type Checkpoint, openCheckpoint } from "../checkpoint/checkpoint";
+import { config } from "../base/config";
+import { UsageError } from "../base/errors";
+import { Progress, log, writeJson } from "../base/log";
+import { register, unregister } from "../checkpoint/registry";
+import { summaryLines, writeTrace } from "../core/report";
+import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../app/updater";
+import { parseDuration, parseSize } from "../base/units";
 import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
 
 export const updateArgs = {

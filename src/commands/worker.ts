@@ -1,8 +1,8 @@
 // ce worker: the built-in reference receiver (no Python), as ce's `--engine workers` starts it.
 import { defineCommand } from "citty";
-import { UsageError } from "../errors";
+import { UsageError } from "../base/errors";
 import { Ctx } from "../native/ce";
-import { runReceiver } from "../receiver";
+import { runReceiver } from "../worker/receiver";
 
 export default defineCommand({
   meta: {

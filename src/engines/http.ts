@@ -3,7 +3,7 @@
 // and `--worker-extension-cls ce_worker.vllm.CeWorkerExtension`; the call returns when every
 // worker's method has returned. `external` sends the same request to any URL, for engines that
 // implement the protocol themselves.
-import { InputError, WorkerError } from "../errors";
+import { InputError, WorkerError } from "../base/errors";
 import type { Engine } from "./types";
 
 export const RPC_METHOD = "update_weights_from_ipc";

@@ -4,9 +4,9 @@
 import type { Subprocess } from "bun";
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { config } from "../config";
-import { WorkerError } from "../errors";
-import { logger } from "../log";
+import { config } from "../base/config";
+import { WorkerError } from "../base/errors";
+import { logger } from "../base/log";
 import type { Backend } from "../native/ce";
 import type { Engine } from "./types";
 

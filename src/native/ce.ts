@@ -3,9 +3,9 @@
 import { dlopen, type Pointer } from "bun:ffi";
 import { existsSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
-import { config } from "../config";
-import { NativeError, TimeoutError } from "../errors";
-import { pollUntil } from "../poll";
+import { config } from "../base/config";
+import { NativeError, TimeoutError } from "../base/errors";
+import { pollUntil } from "../base/poll";
 
 /** csrc/ce.h CE_ABI_VERSION this build of ce is written against. */
 export const ABI_VERSION = 10100;

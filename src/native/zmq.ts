@@ -9,8 +9,8 @@ import { dlopen, FFIType, toArrayBuffer, type Pointer } from "bun:ffi";
 import { closeSync, fsyncSync, lstatSync, mkdirSync, openSync, readFileSync, renameSync, statSync, unlinkSync, writeSync } from "node:fs";
 import { constants as osConstants, homedir } from "node:os";
 import { join } from "node:path";
-import { config } from "../config";
-import { errorMessage, NativeError } from "../errors";
+import { config } from "../base/config";
+import { errorMessage, NativeError } from "../base/errors";
 
 // ---------------------------------------------------------------------------------------------
 // Constants from zmq.h. Their values never change between libzmq releases (zmq.h says so).

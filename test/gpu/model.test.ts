@@ -6,7 +6,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
-import { config } from "../../src/config";
+import { config } from "../../src/base/config";
 import { gpu } from "../helpers/gpu";
 import {
   type Logits,

@@ -3,12 +3,12 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { openCheckpoint } from "../../src/checkpoint";
-import type { Device } from "../../src/devices";
+import { openCheckpoint } from "../../src/checkpoint/checkpoint";
+import type { Device } from "../../src/core/devices";
 import { WorkersEngine } from "../../src/engines/workers";
 import { type Backend, type Buf, Ctx, cudaDeviceInfo, cudaMemInfo, ncclUniqueId } from "../../src/native/ce";
-import { register, unregister } from "../../src/registry";
-import { UpdateSession } from "../../src/update";
+import { register, unregister } from "../../src/checkpoint/registry";
+import { UpdateSession } from "../../src/core/update";
 import { gpu } from "../helpers/gpu";
 import { rng, writeSafetensors } from "../helpers/ckpt";
 

@@ -4,8 +4,8 @@ import { expect } from "bun:test";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { CeError } from "../../src/errors";
-import { encodeHeader, tensorBytes } from "../../src/safetensors";
+import { CeError } from "../../src/base/errors";
+import { encodeHeader, tensorBytes } from "../../src/checkpoint/safetensors";
 
 export interface TempDir {
   path: string;

@@ -6,8 +6,8 @@
 // ({op, bucket}) before it is answered. It exits when its stdin closes (ce, or the test, is gone).
 import { appendFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { type Reply, type WorkerState, encodeReply, parseRequest, transition } from "../../src/protocol";
-import { ZmqContext } from "../../src/zmq";
+import { type Reply, type WorkerState, encodeReply, parseRequest, transition } from "../../src/wire/protocol";
+import { ZmqContext } from "../../src/transport/zmq";
 
 const { values } = parseArgs({
   options: { endpoint: { type: "string" }, log: { type: "string" }, fail: { type: "string" }, hang: { type: "string" } },

@@ -2,11 +2,11 @@
 // mounted) while the session is told memory is plentiful, so allocating the planned slots fails
 // and the update must fall back to fewer. Prints the summary as JSON.
 //   bun small-shm-update.ts CHECKPOINT_DIR BUCKET_BYTES
-import { openCheckpoint } from "../../src/checkpoint";
+import { openCheckpoint } from "../../src/checkpoint/checkpoint";
 import { WorkersEngine } from "../../src/engines/workers";
 import { Ctx } from "../../src/native/ce";
-import { register, unregister } from "../../src/registry";
-import { UpdateSession } from "../../src/update";
+import { register, unregister } from "../../src/checkpoint/registry";
+import { UpdateSession } from "../../src/core/update";
 
 const [dir, bucket] = process.argv.slice(2);
 const ctx = Ctx.create("cpu", [0]);

@@ -4,11 +4,11 @@ import type { Subprocess } from "bun";
 import { existsSync, readdirSync, readFileSync, readlinkSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { type Checkpoint, openCheckpoint } from "../../src/checkpoint";
-import { config } from "../../src/config";
+import { type Checkpoint, openCheckpoint } from "../../src/checkpoint/checkpoint";
+import { config } from "../../src/base/config";
 import type { Engine } from "../../src/engines/types";
-import { TimeoutError, WorkerError } from "../../src/errors";
-import { type Updater, openUpdater } from "../../src/setup";
+import { TimeoutError, WorkerError } from "../../src/base/errors";
+import { type Updater, openUpdater } from "../../src/app/updater";
 import { type SpecTensor, type TempDir, rng, tempDir, writeSafetensors } from "./ckpt";
 
 export const ROOT = join(import.meta.dir, "..", "..");

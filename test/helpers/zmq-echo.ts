@@ -3,7 +3,7 @@
 //   bun test/helpers/zmq-echo.ts bind <endpoint>      REP binds, prints "bound <endpoint>" once listening
 // It echoes every request's frames back. A first frame {"op":"sleep","ms":N} delays the echo;
 // "stop" answers "bye" and exits. It also exits when its stdin closes (the parent died).
-import { ZmqContext } from "../../src/zmq";
+import { ZmqContext } from "../../src/transport/zmq";
 
 const [mode, endpoint] = process.argv.slice(2);
 if ((mode !== "connect" && mode !== "bind") || !endpoint) {

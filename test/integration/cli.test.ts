@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
-import { gpuPresent } from "../../src/devices";
+import { gpuPresent } from "../../src/core/devices";
 import { writeRaw } from "../helpers/ckpt";
 import { findPython } from "../helpers/python";
 import { CLI, ROOT, type TestCheckpoint, shmBuffersOf, smallCheckpoint } from "../helpers/update";

@@ -8,15 +8,15 @@ import { appendFileSync, truncateSync, utimesSync, writeFileSync } from "node:fs
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { openCheckpoint } from "../../src/checkpoint";
-import { config } from "../../src/config";
-import { resolveDevices } from "../../src/devices";
+import { openCheckpoint } from "../../src/checkpoint/checkpoint";
+import { config } from "../../src/base/config";
+import { resolveDevices } from "../../src/core/devices";
 import type { WorkersEngine } from "../../src/engines/workers";
-import { TimeoutError, WorkerError } from "../../src/errors";
+import { TimeoutError, WorkerError } from "../../src/base/errors";
 import { Ctx } from "../../src/native/ce";
-import { type Registration, register, unregister } from "../../src/registry";
-import { type Updater, openUpdater } from "../../src/setup";
-import { type UpdateSummary, UpdateSession } from "../../src/update";
+import { type Registration, register, unregister } from "../../src/checkpoint/registry";
+import { type Updater, openUpdater } from "../../src/app/updater";
+import { type UpdateSummary, UpdateSession } from "../../src/core/update";
 import { expectCeError, writeSafetensors } from "../helpers/ckpt";
 import { findPython } from "../helpers/python";
 import {

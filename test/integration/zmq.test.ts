@@ -2,9 +2,9 @@ import { afterAll, describe, expect, test } from "bun:test";
 import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { AbortedError, CeError, NativeError, TimeoutError } from "../../src/errors";
+import { AbortedError, CeError, NativeError, TimeoutError } from "../../src/base/errors";
 import { zmqLibrary } from "../../src/native/zmq";
-import { defaultContext, jsonFrame, parseJsonFrame, ZmqContext, type ZmqSocket } from "../../src/zmq";
+import { defaultContext, jsonFrame, parseJsonFrame, ZmqContext, type ZmqSocket } from "../../src/transport/zmq";
 
 const ROOT = join(import.meta.dir, "../..");
 const ECHO = join(ROOT, "test/helpers/zmq-echo.ts");
@@ -229,7 +229,7 @@ describe("ZeroMQ sockets", () => {
 
   test("closing a context with messages queued for a dead peer does not hang", async () => {
     const script = `
-      import { ZmqContext } from ${JSON.stringify(join(ROOT, "src/zmq.ts"))};
+      import { ZmqContext } from ${JSON.stringify(join(ROOT, "src/transport/zmq.ts"))};
       const ctx = new ZmqContext();
       const dealer = ctx.socket("DEALER", { sndhwm: 4 });
       dealer.connect("tcp://127.0.0.1:1");
@@ -341,7 +341,7 @@ describe("where libzmq comes from", () => {
         entry,
         `
         import { zmqLibrary } from ${JSON.stringify(join(ROOT, "src/native/zmq.ts"))};
-        import { defaultContext } from ${JSON.stringify(join(ROOT, "src/zmq.ts"))};
+        import { defaultContext } from ${JSON.stringify(join(ROOT, "src/transport/zmq.ts"))};
         const ctx = defaultContext();
         const rep = ctx.socket("REP");
         const req = ctx.socket("REQ");

@@ -1,7 +1,7 @@
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { appendFile, mkdir, readFile, utimes } from "node:fs/promises";
 import { join } from "node:path";
-import { assertUnchanged, INDEX_FILE, openCheckpoint, summarize, tensorRefs } from "../../src/checkpoint";
+import { assertUnchanged, INDEX_FILE, openCheckpoint, summarize, tensorRefs } from "../../src/checkpoint/checkpoint";
 import { formatSummary } from "../../src/commands/inspect";
 import { expectCeError, type TempDir, tempDir, writeIndex, writeRaw, writeSafetensors } from "../helpers/ckpt";
 

@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { CeError } from "../../src/errors";
+import { CeError } from "../../src/base/errors";
 import {
   ALIGN_BYTES,
   autoSize,
@@ -8,9 +8,9 @@ import {
   planBuckets,
   spreadOverRanks,
   type TensorRef,
-} from "../../src/planner";
-import { encodeHeader, tensorBytes } from "../../src/safetensors";
-import { loadShapes } from "../../src/synth";
+} from "../../src/core/planner";
+import { encodeHeader, tensorBytes } from "../../src/checkpoint/safetensors";
+import { loadShapes } from "../../src/checkpoint/synth-writer";
 import { expectCeError, rng } from "../helpers/ckpt";
 
 const KiB = 1024;

@@ -1,9 +1,9 @@
 import { describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { AbortedError, TimeoutError } from "../../src/errors";
-import { pollUntil } from "../../src/poll";
+import { AbortedError, TimeoutError } from "../../src/base/errors";
+import { pollUntil } from "../../src/base/poll";
 
-const POLL_TS = join(import.meta.dir, "../../src/poll.ts");
+const POLL_TS = join(import.meta.dir, "../../src/base/poll.ts");
 
 /** A check that returns `value` on its n-th call. */
 function afterCalls<T>(n: number, value: T): { check: () => T | undefined; calls: () => number } {

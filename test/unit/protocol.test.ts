@@ -1,5 +1,5 @@
 import { describe, expect, test } from "bun:test";
-import { CeError } from "../../src/errors";
+import { CeError } from "../../src/base/errors";
 import {
   IPC_HANDLE_BYTES,
   type OpName,
@@ -11,7 +11,7 @@ import {
   parseReply,
   parseRequest,
   transition,
-} from "../../src/protocol";
+} from "../../src/wire/protocol";
 
 const enc = new TextEncoder();
 const frame = (v: unknown) => enc.encode(typeof v === "string" ? v : JSON.stringify(v));

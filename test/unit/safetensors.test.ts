@@ -9,7 +9,7 @@ import {
   parseHeader,
   readHeader,
   tensorBytes,
-} from "../../src/safetensors";
+} from "../../src/checkpoint/safetensors";
 import { expectCeError, type RawParts, rawBytes, rng, type TempDir, tempDir, writeRaw, writeSafetensors } from "../helpers/ckpt";
 
 let dir: TempDir;

@@ -1,9 +1,9 @@
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { INDEX_FILE, openCheckpoint } from "../../src/checkpoint";
-import { tensorBytes } from "../../src/safetensors";
-import { BUILTIN_SHAPES, fillChunk, loadShapes, type Shapes, type SynthProgress, writeSyntheticCheckpoint } from "../../src/synth";
+import { INDEX_FILE, openCheckpoint } from "../../src/checkpoint/checkpoint";
+import { tensorBytes } from "../../src/checkpoint/safetensors";
+import { BUILTIN_SHAPES, fillChunk, loadShapes, type Shapes, type SynthProgress, writeSyntheticCheckpoint } from "../../src/checkpoint/synth-writer";
 import { expectCeError, type TempDir, tempDir, writeSafetensors } from "../helpers/ckpt";
 
 let dir: TempDir;

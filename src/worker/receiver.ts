@@ -2,12 +2,12 @@
 // Python. It maps the slots (CUDA IPC handle, or the CPU backend's shared-memory file), copies
 // every tensor into its own parameter memory (allocated once and kept across updates, as an
 // engine's weights are), and with verify compares its parameters with the checkpoint's bytes.
-import { CeError, InputError, errorMessage } from "./errors";
-import { logger } from "./log";
-import type { Backend, Buf, Ctx } from "./native/ce";
-import { type OpenRequest, type Reply, type Request, type WireTensor, type WorkerState, encodeReply, parseRequest, transition } from "./protocol";
-import { readHeader } from "./safetensors";
-import { defaultContext } from "./zmq";
+import { CeError, InputError, errorMessage } from "../base/errors";
+import { logger } from "../base/log";
+import type { Backend, Buf, Ctx } from "../native/ce";
+import { type OpenRequest, type Reply, type Request, type WireTensor, type WorkerState, encodeReply, parseRequest, transition } from "../wire/protocol";
+import { readHeader } from "../checkpoint/safetensors";
+import { defaultContext } from "../transport/zmq";
 
 const log = logger("worker");
 

@@ -1,6 +1,6 @@
 // The worker protocol of DESIGN.md: JSON frames over ZeroMQ REQ/REP, nothing pickled. Pure:
 // builds and validates frames; sockets live elsewhere. python/ce_worker/protocol.py mirrors it.
-import { InputError } from "./errors";
+import { InputError } from "../base/errors";
 
 export const PROTOCOL_VERSION = 1;
 export const IPC_HANDLE_BYTES = 64;

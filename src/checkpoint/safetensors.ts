@@ -8,7 +8,7 @@
 // exactly at the end of the file.
 import { open } from "node:fs/promises";
 import { resolve } from "node:path";
-import { InputError } from "./errors";
+import { InputError } from "../base/errors";
 
 /** The reference reader's cap on N; a larger header is refused before anything is allocated. */
 export const HEADER_MAX_BYTES = 100_000_000;

@@ -1,7 +1,7 @@
 // How an update's summary reads: the story at info level, and the per-bucket timeline as a Chrome
 // trace-event file (open it in Perfetto to see H2D, broadcast and reload overlap).
 import { writeFileSync } from "node:fs";
-import { formatBytes, formatRate, formatSeconds } from "./log";
+import { formatBytes, formatRate, formatSeconds } from "../base/log";
 import type { UpdateSummary } from "./update";
 
 export function summaryLines(s: UpdateSummary): string[] {

@@ -4,7 +4,7 @@ import { existsSync, statSync } from "node:fs";
 import { type FileHandle, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { type Checkpoint, INDEX_FILE, openCheckpoint } from "./checkpoint";
-import { InputError } from "./errors";
+import { InputError } from "../base/errors";
 import { DTYPE_BITS, encodeHeader, tensorBytes } from "./safetensors";
 
 export interface ShapesTensor {
@@ -22,9 +22,9 @@ export interface Shapes {
 
 // Static specifiers, so `bun build --compile` embeds the files; imported only when asked for.
 const BUILTIN: Record<string, () => Promise<{ default: unknown }>> = {
-  "Qwen3-0.6B": () => import("../models/Qwen3-0.6B.json"),
-  "Qwen3-8B": () => import("../models/Qwen3-8B.json"),
-  "Qwen3-30B-A3B": () => import("../models/Qwen3-30B-A3B.json"),
+  "Qwen3-0.6B": () => import("../../models/Qwen3-0.6B.json"),
+  "Qwen3-8B": () => import("../../models/Qwen3-8B.json"),
+  "Qwen3-30B-A3B": () => import("../../models/Qwen3-30B-A3B.json"),
 };
 
 export const BUILTIN_SHAPES: readonly string[] = Object.keys(BUILTIN);
@@ -34,7 +34,7 @@ export const BUILTIN_SHAPES: readonly string[] = Object.keys(BUILTIN);
  * binary) or by path to any file of the same form.
  */
 export async function loadShapes(nameOrPath: string): Promise<Shapes> {
-  const repoFile = join(import.meta.dir, "..", "models", `${nameOrPath}.json`);
+  const repoFile = join(import.meta.dir, "..", "..", "models", `${nameOrPath}.json`);
   let json: unknown;
   let source = nameOrPath;
   if (existsSync(nameOrPath) && statSync(nameOrPath).isFile()) {

@@ -2,9 +2,9 @@
 // each device is called on the wire (its UUID) and has free.
 import { statfsSync } from "node:fs";
 import { freemem, hostname } from "node:os";
-import { config } from "./config";
-import { UsageError } from "./errors";
-import { type Backend, cudaDeviceCount, cudaDeviceInfo, cudaLoad } from "./native/ce";
+import { config } from "../base/config";
+import { UsageError } from "../base/errors";
+import { type Backend, cudaDeviceCount, cudaDeviceInfo, cudaLoad } from "../native/ce";
 
 export interface Device {
   /** index in the context (0..n-1) */

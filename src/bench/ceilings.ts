@@ -1,7 +1,7 @@
 // The host's own limits, measured with the same primitives an update uses: pinned H2D per device
 // (and all devices at once), D2D, and NCCL broadcast between devices. An update of S bytes cannot
 // beat S / (the binding ceiling): that is the floor `ce bench` reports against.
-import type { Buf, Ctx, OpResult } from "./native/ce";
+import type { Buf, Ctx, OpResult } from "../native/ce";
 
 export interface Ceilings {
   /** GB/s per device, pinned host → device (the CPU backend: memcpy into shared memory) */

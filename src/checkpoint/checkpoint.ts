@@ -2,8 +2,8 @@
 // model.safetensors.index.json. Every header is read and validated before anything else happens.
 import { readdir, readFile, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
-import { InputError } from "./errors";
-import type { TensorRef } from "./planner";
+import { InputError } from "../base/errors";
+import type { TensorRef } from "../core/planner";
 import { readHeader, type SafetensorsFile, type TensorMeta } from "./safetensors";
 
 export const INDEX_FILE = "model.safetensors.index.json";

@@ -3,20 +3,20 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Checkpoint } from "./checkpoint";
-import { config } from "./config";
-import { type DeviceSet, freeBytesIn, parseDeviceList, resolveBackend, resolveDevices } from "./devices";
-import { HttpEngine } from "./engines/http";
-import type { Engine } from "./engines/types";
-import { type WorkerKind, WorkersEngine } from "./engines/workers";
-import { UsageError } from "./errors";
-import { formatBytes, logger } from "./log";
-import { Ctx } from "./native/ce";
-import { onRamFs } from "./registry";
-import { tensorBytes } from "./safetensors";
-import { loadShapes, writeSyntheticCheckpoint } from "./synth";
-import { parseDuration } from "./units";
-import { UpdateSession } from "./update";
+import type { Checkpoint } from "../checkpoint/checkpoint";
+import { config } from "../base/config";
+import { type DeviceSet, freeBytesIn, parseDeviceList, resolveBackend, resolveDevices } from "../core/devices";
+import { HttpEngine } from "../engines/http";
+import type { Engine } from "../engines/types";
+import { type WorkerKind, WorkersEngine } from "../engines/workers";
+import { UsageError } from "../base/errors";
+import { formatBytes, logger } from "../base/log";
+import { Ctx } from "../native/ce";
+import { onRamFs } from "../checkpoint/registry";
+import { tensorBytes } from "../checkpoint/safetensors";
+import { loadShapes, writeSyntheticCheckpoint } from "../checkpoint/synth-writer";
+import { parseDuration } from "../base/units";
+import { UpdateSession } from "../core/update";
 
 const log = logger("setup");
 

@@ -1,10 +1,10 @@
 // Typed async ZeroMQ sockets over native/zmq.ts. Everything runs on the JS thread (libzmq sockets
 // are not thread-safe): sends and receives are tried with ZMQ_DONTWAIT, and when a socket is not
 // ready the wait goes to poll.ts, where one zmq_poll per tick covers every socket that waits.
-import { AbortedError, CeError } from "./errors";
-import * as native from "./native/zmq";
-import type { SocketHandle, ContextHandle } from "./native/zmq";
-import { pollUntil } from "./poll";
+import { AbortedError, CeError } from "../base/errors";
+import * as native from "../native/zmq";
+import type { SocketHandle, ContextHandle } from "../native/zmq";
+import { pollUntil } from "../base/poll";
 
 export type SocketType = "PAIR" | "PUB" | "SUB" | "REQ" | "REP" | "DEALER" | "ROUTER" | "PULL" | "PUSH";
 

@@ -1,12 +1,12 @@
 // ce serve's HTTP API over a warm update session: checkpoints stay registered (pinned) between
 // updates, and the context, sockets, slot buffers and workers stay up, so an update costs what the
 // data path costs. One update at a time.
-import { openCheckpoint } from "./checkpoint";
-import { CeError, InputError, errorMessage } from "./errors";
-import { logger } from "./log";
-import { type Registration, register, unregister } from "./registry";
-import type { Updater } from "./setup";
-import type { UpdateSummary } from "./update";
+import { openCheckpoint } from "../checkpoint/checkpoint";
+import { CeError, InputError, errorMessage } from "../base/errors";
+import { logger } from "../base/log";
+import { type Registration, register, unregister } from "../checkpoint/registry";
+import type { Updater } from "../app/updater";
+import type { UpdateSummary } from "../core/update";
 
 const log = logger("serve");
 

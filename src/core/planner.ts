@@ -10,8 +10,8 @@
 //     region and in the bucket share one copy, so a bucket cut from one file is usually one copy;
 //   - owners are interleaved in proportion to their bucket counts (equal counts: strict rotation),
 //     so every owner's H2D link stays busy and the tail is not left to one owner.
-import { InputError } from "./errors";
-import { formatBytes } from "./log";
+import { InputError } from "../base/errors";
+import { formatBytes } from "../base/log";
 
 /** Tensors keep 256-byte alignment inside buckets (DESIGN.md): what cudaMalloc guarantees, so
  *  workers can view a tensor in a slot with any dtype and vectorized loads. */

@@ -6,16 +6,16 @@
 // submitted as soon as its slot is free again, i.e. every worker answered the load of bucket
 // i − K; loads go out in order, one bucket in each worker's hands at a time. So with K = 3 the
 // copy engine fills bucket i+1 while bucket i is broadcast and bucket i−1 is being reloaded.
-import { assertUnchanged, tensorRefs } from "./checkpoint";
+import { assertUnchanged, tensorRefs } from "../checkpoint/checkpoint";
 import type { Device } from "./devices";
-import type { Engine } from "./engines/types";
-import { CeError, NativeError, TimeoutError, WorkerError, errorMessage } from "./errors";
-import { gbps, logger } from "./log";
-import { type Buf, type Ctx, type OpId, type OpResult, cudaMemInfo, ncclLoad, ncclUniqueId } from "./native/ce";
+import type { Engine } from "../engines/types";
+import { CeError, NativeError, TimeoutError, WorkerError, errorMessage } from "../base/errors";
+import { gbps, logger } from "../base/log";
+import { type Buf, type Ctx, type OpId, type OpResult, cudaMemInfo, ncclLoad, ncclUniqueId } from "../native/ce";
 import { autoSize, planBuckets, spreadOverRanks, type Bucket, type Plan } from "./planner";
-import { type OpName, PROTOCOL_VERSION, type Reply, type Request, encodeRequest, parseReply } from "./protocol";
-import type { Registration } from "./registry";
-import { type ZmqSocket, defaultContext } from "./zmq";
+import { type OpName, PROTOCOL_VERSION, type Reply, type Request, encodeRequest, parseReply } from "../wire/protocol";
+import type { Registration } from "../checkpoint/registry";
+import { type ZmqSocket, defaultContext } from "../transport/zmq";
 
 const log = logger("update");
 

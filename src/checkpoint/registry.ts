@@ -4,10 +4,10 @@
 import { statfsSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { assertUnchanged, type Checkpoint } from "./checkpoint";
-import { config } from "./config";
-import { CeError, InputError, NativeError, errorMessage } from "./errors";
-import { logger } from "./log";
-import type { Ctx } from "./native/ce";
+import { config } from "../base/config";
+import { CeError, InputError, NativeError, errorMessage } from "../base/errors";
+import { logger } from "../base/log";
+import type { Ctx } from "../native/ce";
 
 /** statfs f_type of tmpfs and ramfs: files there are already in RAM, so pinning them in place copies nothing. */
 const RAM_FS_TYPES = new Set([0x01021994, 0x858458f6]);
