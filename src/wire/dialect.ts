@@ -1,0 +1,65 @@
+// What ce says to a worker, independent of how it is written on the wire. The channel (core/channel.ts)
+// drives every worker through open → load… → release → finish (or abort) and asks a dialect for the
+// frames of each step and for the meaning of each reply. ce's own JSON protocol is one dialect
+// (wire/protocol.ts); the reference system's pickled protocol is another, for engines that already run
+// its worker loop.
+import type { Backend } from "../native/ce";
+
+export type Step = "open" | "load" | "release" | "finish" | "abort";
+
+export interface SlotTensor {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** bytes from the start of the buffer (not the slot) */
+  offset: number;
+  nbytes: number;
+}
+
+/** What a worker needs to map this update's buffer on its device. */
+export interface OpenInfo {
+  checkpoint: string;
+  version: number;
+  backend: Backend;
+  /** the device's UUID (GPU-…, or CPU-<host>-<n>) and its CUDA ordinal (or simulated device number) */
+  deviceUuid: string;
+  deviceOrdinal: number;
+  bufferBytes: number;
+  slots: number;
+  slotBytes: number;
+  /** cpu: the shared-memory file of the buffer */
+  path: string;
+  /** cuda: the buffer's 64-byte IPC memory handle */
+  handle?: Uint8Array;
+  /** extras for progress and verifying receivers */
+  files: string[];
+  buckets: number;
+  tensors: number;
+  bytes: number;
+}
+
+export interface LoadInfo {
+  bucket: number;
+  slot: number;
+  tensors: SlotTensor[];
+}
+
+/** A worker's answer to one step: ok, or the worker's own words for what went wrong. */
+export interface StepReply {
+  ok: boolean;
+  error?: string;
+  /** fields the worker added (ce's protocol: "version", "delta", digests…) */
+  extra: Record<string, unknown>;
+}
+
+export interface Dialect {
+  /** "ce" or "checkpoint-engine", for logs and errors */
+  readonly name: string;
+  open(info: OpenInfo): Uint8Array[];
+  load(info: LoadInfo): Uint8Array[];
+  release(): Uint8Array[];
+  finish(): Uint8Array[];
+  abort(reason: string): Uint8Array[];
+  /** Reads a reply; throws (any error) when the frames are not a reply of this dialect, naming why. */
+  reply(frames: Uint8Array[], step: Step): StepReply;
+}
