@@ -2,7 +2,7 @@
 
 It behaves like an engine with nothing but parameters: a store of named tensors on --device,
 allocated when a name is first seen and kept across updates. It serves update sessions one
-after another on one socket, and exits 0 on SIGTERM or when its stdin reaches EOF, so a worker
+after another on one socket (an aborted one included: abort leaves it ready for the next open), and exits 0 on SIGTERM or when its stdin reaches EOF, so a worker
 started by ce with a pipe on stdin never outlives ce. With --verify, finish compares every
 stored tensor byte for byte with the checkpoint files named in the open frame.
 
@@ -78,9 +78,11 @@ def main(argv: Optional[list] = None) -> int:
             log.info("verified %d tensors against %d files", fields["verified"], len(opened.files))
         return fields
 
+    # One receiver for the worker's life: after finish, abort or a timeout it is idle, and the
+    # next open on the same socket starts the next session.
+    receiver = Receiver(store.load, finish, device=device, expect_uuid=expect)
     try:
         while not stop.is_set():
-            receiver = Receiver(store.load, finish, device=device, expect_uuid=expect)
             try:
                 summary = serve_session(sock, receiver, op_timeout_s=args.op_timeout, wait_s=None,
                                         stop=stop.is_set)

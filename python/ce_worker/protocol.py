@@ -1,9 +1,13 @@
 """The frames of ce's worker protocol, parsed and checked (the README's "The worker protocol";
-src/protocol.ts is the other end).
+src/wire/protocol.ts is the other end).
 
 Pure: bytes in, typed requests out, or a ProtocolError that says what is wrong. No sockets,
-no torch. The session's states are explicit (idle -> open -> released -> finished, or aborted)
-so that a frame arriving in the wrong state gets a clear error instead of being guessed at.
+no torch. The session's states are explicit (idle -> open -> released -> finished) so that a
+frame arriving in the wrong state gets a clear error instead of being guessed at.
+
+The protocol's one definition is src/wire/worker-protocol.json; TRANSITIONS below is its table,
+kept here because the package is installed without the repository, and tests/test_protocol.py
+checks that the two are equal and runs every frame case of the file through parse().
 """
 
 from __future__ import annotations
@@ -80,40 +84,32 @@ class State(enum.Enum):
     OPEN = "open"
     RELEASED = "released"
     FINISHED = "finished"
-    ABORTED = "aborted"
 
 
-# Which op may arrive in which state, and the state it leads to once it succeeded.
-# abort fits every live state: ce may give up before open (a trigger failed) or mid-way.
-_TRANSITIONS = {
-    (State.IDLE, "open"): State.OPEN,
-    (State.IDLE, "abort"): State.ABORTED,
-    (State.OPEN, "load"): State.OPEN,
-    (State.OPEN, "release"): State.RELEASED,
-    (State.OPEN, "abort"): State.ABORTED,
-    (State.RELEASED, "finish"): State.FINISHED,
-    (State.RELEASED, "abort"): State.ABORTED,
+# state -> {op: the state it leads to once it succeeded}; worker-protocol.json's "transitions".
+# abort fits every state: it drops the mapping and the worker is ready for the next open.
+TRANSITIONS = {
+    "idle": {"open": "open", "abort": "idle"},
+    "open": {"load": "open", "release": "released", "abort": "idle"},
+    "released": {"finish": "finished", "abort": "idle"},
+    "finished": {"open": "open", "abort": "idle"},
 }
 
 
 class Session:
-    """The state of one update session. A failed op leaves the state as it was."""
+    """The worker's protocol state across sessions. A failed op leaves the state as it was."""
 
     def __init__(self) -> None:
         self.state = State.IDLE
 
-    @property
-    def done(self) -> bool:
-        return self.state in (State.FINISHED, State.ABORTED)
-
     def check(self, request: Request) -> State:
         """The state `request` leads to; ProtocolError if it does not fit the current one."""
-        nxt = _TRANSITIONS.get((self.state, request.op))
+        allowed = TRANSITIONS[self.state.value]
+        nxt = allowed.get(request.op)
         if nxt is None:
-            expected = sorted(op for (state, op) in _TRANSITIONS if state is self.state)
-            hint = f"expected {' or '.join(expected)}" if expected else "the session is over"
-            raise ProtocolError(f"op {request.op} does not fit state {self.state.value} ({hint})")
-        return nxt
+            raise ProtocolError(f"op {request.op} does not fit state {self.state.value} "
+                                f"(expected {' or '.join(sorted(allowed))})")
+        return State(nxt)
 
     def advance(self, request: Request) -> None:
         self.state = self.check(request)

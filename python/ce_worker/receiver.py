@@ -1,9 +1,12 @@
-"""Serve one update session for any torch engine: open -> load* -> release -> finish.
+"""Serve update sessions for any torch engine: open -> load* -> release -> finish, or abort.
 
 The engine gives a `load_fn(weights)` that copies a bucket out of ce's buffer into its own
 parameters; `weights` is a list of (name, tensor) whose tensors are zero-copy views into the
 buffer with dtype and shape applied. The reply to a load hands the slot back to ce for refilling,
 so it is sent only after load_fn returned and the current stream has been synchronized.
+
+A session ends with finish or with abort; either way the worker is idle again (abort drops the
+mapping) and the same Receiver on the same socket takes the next open.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ log = logging.getLogger("ce_worker")
 Weights = List[Tuple[str, torch.Tensor]]
 LoadFn = Callable[[Weights], None]
 PostHook = Callable[[Open], Optional[dict]]  # gets the session's open frame; may add reply fields
+StartHook = Callable[[Open], None]  # at open, once the buffer is mapped; raising fails the open
+AbortHook = Callable[[], None]  # after an abort of an opened session (the engine's own undo)
 
 POLL_STEP_S = 0.2  # how often a waiting worker checks its stop condition
 FINAL_LINGER_S = 2.0  # time the last reply gets to leave before the socket closes
@@ -40,15 +45,19 @@ class Stopped(Exception):
 
 def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
                             device: Optional[torch.device] = None, op_timeout_s: float = 120.0,
-                            expect_uuid: Optional[str] = None, transport: Optional[str] = None) -> dict:
+                            expect_uuid: Optional[str] = None, transport: Optional[str] = None,
+                            start_hook: Optional[StartHook] = None,
+                            abort_hook: Optional[AbortHook] = None) -> dict:
     """Connect a REP socket to ce's `endpoint`, serve one session, return its summary.
 
     load_fn(weights) is called once per bucket; post_hook(open_frame) once at finish (its dict,
-    if any, joins the finish reply). An abort from ce returns a summary with state "aborted";
-    no request for op_timeout_s raises SessionTimeout. Either way the buffer is unmapped and the
-    engine keeps serving on whatever weights it has.
+    if any, joins the finish reply); start_hook(open_frame) at open and abort_hook() after an
+    abort, when given. An abort from ce returns a summary with state "aborted"; no request for
+    op_timeout_s raises SessionTimeout. Either way the buffer is unmapped and the engine keeps
+    serving on whatever weights it has.
     """
-    receiver = Receiver(load_fn, post_hook, device=device, expect_uuid=expect_uuid)
+    receiver = Receiver(load_fn, post_hook, device=device, expect_uuid=expect_uuid,
+                        start_hook=start_hook, abort_hook=abort_hook)
     sock = connect_rep(endpoint, backend=transport)
     try:
         return serve_session(sock, receiver, op_timeout_s=op_timeout_s, wait_s=op_timeout_s)
@@ -58,14 +67,17 @@ def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[
 
 def serve_session(sock: Socket, receiver: "Receiver", *, op_timeout_s: float = 120.0,
                   wait_s: Optional[float] = None, stop: Optional[Callable[[], bool]] = None) -> dict:
-    """Answer requests on `sock` until the session finishes or aborts.
+    """Answer requests on `sock` until a session finishes or is aborted; returns its summary.
 
-    wait_s bounds the wait for the first request (None: no bound); op_timeout_s every later one.
-    stop() is checked while waiting; when it turns true, Stopped is raised.
+    Call it again with the same receiver and socket to serve the next session. wait_s bounds
+    the wait for the first request (None: no bound); op_timeout_s every later one. stop() is
+    checked while waiting; when it turns true, Stopped is raised. On a timeout or a stop the
+    mapping is dropped and the receiver is idle again.
     """
     first = True
+    receiver.ended = None
     try:
-        while not receiver.session.done:
+        while receiver.ended is None:
             frames = _recv(sock, wait_s if first else op_timeout_s, stop)
             if frames is None:
                 limit = wait_s if first else op_timeout_s
@@ -74,7 +86,7 @@ def serve_session(sock: Socket, receiver: "Receiver", *, op_timeout_s: float = 1
             first = False
             sock.send_multipart([receiver.handle(frames)])
     except BaseException:
-        receiver.drop()
+        receiver.reset()
         raise
     return receiver.summary()
 
@@ -97,15 +109,20 @@ class Receiver:
     """The worker's side of one session: one method per op, replies as bytes."""
 
     def __init__(self, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
-                 device: Optional[torch.device] = None, expect_uuid: Optional[str] = None) -> None:
+                 device: Optional[torch.device] = None, expect_uuid: Optional[str] = None,
+                 start_hook: Optional[StartHook] = None, abort_hook: Optional[AbortHook] = None) -> None:
         self.load_fn = load_fn
         self.post_hook = post_hook
+        self.start_hook = start_hook
+        self.abort_hook = abort_hook
         self.device = torch.device(device) if device is not None else _default_device()
         self.expect_uuid = expect_uuid
         self.session = protocol.Session()
         self.opened: Optional[Open] = None
         self.mapping: Optional[BufferMapping] = None
         self.reason = ""
+        self.ended: Optional[str] = None  # how the current session ended: "finished" or "aborted"
+        self.undo_error = ""  # abort_hook's failure, if it failed
         self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
 
@@ -129,9 +146,18 @@ class Receiver:
     def _open(self, req: Open) -> None:
         if self.expect_uuid is not None and req.device_uuid != self.expect_uuid:
             raise ValueError(f"open for device {req.device_uuid} reached the worker on {self.expect_uuid}")
-        self.mapping = map_buffer(req.backend, buffer_bytes=req.buffer_bytes, handle=req.handle,
-                                  path=req.path, device=self.device)
+        mapping = map_buffer(req.backend, buffer_bytes=req.buffer_bytes, handle=req.handle,
+                             path=req.path, device=self.device)
+        if self.start_hook is not None:
+            try:
+                self.start_hook(req)
+            except BaseException:
+                mapping.close()
+                raise
+        self.mapping = mapping
         self.opened = req
+        self.reason = self.undo_error = ""
+        self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
         log.info("open %s@%d: %s buffer of %d bytes, %d slots", req.checkpoint, req.version,
                  req.backend, req.buffer_bytes, req.slots)
@@ -163,12 +189,30 @@ class Receiver:
         fields = self.post_hook(self.opened) if self.post_hook is not None else None
         log.info("finished %s@%d: %d buckets, %d tensors, %d bytes in %.2f s", self.opened.checkpoint,
                  self.opened.version, self.buckets, self.tensors, self.bytes, time.monotonic() - self.started)
+        self.ended = "finished"
         return fields
 
     def _abort(self, req: Abort) -> None:
         self.reason = req.reason
         log.warning("update aborted by ce: %s", req.reason or "(no reason given)")
+        self._undo()
+        self.ended = "aborted"
+
+    def reset(self) -> None:
+        """Give the current session up (timeout, stop): unmap and be idle for the next open."""
+        self._undo()
+        self.session.state = protocol.State.IDLE
+
+    def _undo(self) -> None:
+        """Unmap, and run the engine's abort_hook if a session was open. Never raises."""
+        was_open = self.session.state in (protocol.State.OPEN, protocol.State.RELEASED)
         self.drop()
+        if was_open and self.abort_hook is not None:
+            try:
+                self.abort_hook()
+            except Exception as e:
+                log.exception("the engine's undo of the aborted session failed")
+                self.undo_error = format_error(e)
 
     def drop(self) -> None:
         """Unmap the buffer if it is mapped; used on abort, timeout and stop. Never raises."""
@@ -180,12 +224,15 @@ class Receiver:
                 log.exception("could not unmap ce's buffer; it stays mapped")
 
     def summary(self) -> dict:
-        out = {"state": self.session.state.value, "buckets": self.buckets, "tensors": self.tensors,
+        """The session's outcome: state "finished" or "aborted" (with ce's reason), and its counts."""
+        out = {"state": self.ended, "buckets": self.buckets, "tensors": self.tensors,
                "bytes": self.bytes, "seconds": round(time.monotonic() - self.started, 3)}
         if self.opened is not None:
             out.update(checkpoint=self.opened.checkpoint, version=self.opened.version)
-        if self.session.state is protocol.State.ABORTED:
+        if self.ended == "aborted":
             out["reason"] = self.reason
+        if self.undo_error:
+            out["undo_error"] = self.undo_error
         return out
 
 

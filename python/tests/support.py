@@ -30,6 +30,8 @@ if not os.environ.get("CE_TEST_LOG"):
     logging.getLogger("ce_worker").propagate = False
 
 ALIGN = 256
+# The worker protocol's one definition; both ends' tests read it (src/wire/worker-protocol.json).
+PROTOCOL_DEFINITION = os.path.join(os.path.dirname(PACKAGE_ROOT), "src", "wire", "worker-protocol.json")
 _counter = itertools.count()
 
 ST_NAMES = {
@@ -42,6 +44,20 @@ ST_NAMES = {
 def endpoint() -> str:
     """A fresh abstract-namespace endpoint: nothing to clean up, no fixed port."""
     return f"ipc://@ce-test-{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
+
+
+def protocol_definition() -> dict:
+    with open(PROTOCOL_DEFINITION, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def frame_bytes(frame: dict) -> bytes:
+    """One frame of a worker-protocol.json case: {"json": v}, {"text": s} or {"bytes": n}."""
+    if "json" in frame:
+        return json.dumps(frame["json"]).encode("utf-8")
+    if "text" in frame:
+        return frame["text"].encode("utf-8")
+    return bytes(range(256))[:frame["bytes"]] if frame["bytes"] <= 256 else bytes(frame["bytes"])
 
 
 def transports() -> List[str]:

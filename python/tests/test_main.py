@@ -114,6 +114,18 @@ class StandaloneWorkerTest(unittest.TestCase):
                                          "the checkpoint's files")
         w.ce.request({"op": "abort"})
 
+    def test_open_load_abort_then_open_load_release_finish_on_the_same_worker(self):
+        w = Worker(self, "--verify")
+        tensors = support.sample_tensors(seed=8)
+        files = w.checkpoint(tensors)
+        self.assertEqual(w.ce.open_cpu(w.buf, slot_bytes=SLOT, files=files, version=1), {"ok": True})
+        first = w.ce.push(w.buf, support.sample_tensors(seed=9), slot_bytes=SLOT)
+        self.assertTrue(all(r["ok"] for r in first[:1]), first)
+        self.assertEqual(w.ce.request({"op": "abort", "reason": "rank 1 failed"}), {"ok": True})
+        reply = w.update(tensors, files, version=2)
+        self.assertEqual(reply["verified"], len(tensors))
+        self.assertIn("update aborted by ce: rank 1 failed", w.log_text())
+
     def test_verify_without_files_in_open_says_so(self):
         w = Worker(self, "--verify")
         reply = w.update({"w": torch.ones(2)})

@@ -1,7 +1,7 @@
 import json
 import unittest
 
-import support  # noqa: F401  (puts the package on sys.path)
+import support
 
 from ce_worker import protocol
 from ce_worker.protocol import Abort, Finish, Load, Open, ProtocolError, Release, Session, State
@@ -89,31 +89,47 @@ class ParseTest(unittest.TestCase):
         self.assertEqual(json.loads(protocol.error("KeyError: 'w'")), {"ok": False, "error": "KeyError: 'w'"})
 
 
-class StateTest(unittest.TestCase):
+class DefinitionTest(unittest.TestCase):
+    """This end against the protocol's one definition, src/wire/worker-protocol.json."""
+
     OPS = {"open": Open("c", 1, "u", "cpu", 1, 1, 1, "/p", None), "load": Load(0, 0, ()),
            "release": Release(), "finish": Finish(), "abort": Abort("")}
-    ALLOWED = {
-        (State.IDLE, "open"): State.OPEN, (State.IDLE, "abort"): State.ABORTED,
-        (State.OPEN, "load"): State.OPEN, (State.OPEN, "release"): State.RELEASED,
-        (State.OPEN, "abort"): State.ABORTED, (State.RELEASED, "finish"): State.FINISHED,
-        (State.RELEASED, "abort"): State.ABORTED,
-    }
 
-    def test_every_state_and_op_pair_either_advances_or_is_refused(self):
+    def test_the_transitions_are_those_of_the_definition(self):
+        spec = support.protocol_definition()
+        self.assertEqual(spec["protocol"], protocol.PROTOCOL_VERSION)
+        self.assertEqual([s.value for s in State], spec["states"])
+        self.assertEqual(State(spec["initial"]), Session().state)
+        self.assertEqual(protocol.TRANSITIONS, spec["transitions"])
+
+    def test_every_state_and_op_pair_advances_as_the_definition_says_or_is_refused(self):
+        table = support.protocol_definition()["transitions"]
         for state in State:
             for op, req in self.OPS.items():
                 with self.subTest(state=state.value, op=op):
                     s = Session()
                     s.state = state
-                    nxt = self.ALLOWED.get((state, op))
+                    nxt = table[state.value].get(op)
                     if nxt is None:
                         with self.assertRaises(ProtocolError) as ctx:
                             s.advance(req)
-                        self.assertIn(f"op {op} does not fit state {state.value}", str(ctx.exception))
-                        self.assertIs(s.state, state)
+                        self.assertIn(f"op {op} does not fit state {state.value} (expected ", str(ctx.exception))
+                        self.assertIs(s.state, state, "a refused op leaves the state as it was")
                     else:
                         s.advance(req)
-                        self.assertIs(s.state, nxt)
+                        self.assertEqual(s.state.value, nxt)
+
+    def test_every_frame_case_of_the_definition_is_accepted_or_refused_as_it_says(self):
+        cases = support.protocol_definition()["frames"]
+        self.assertGreater(len(cases), 10)
+        for case in cases:
+            with self.subTest(case["case"]):
+                raw = [support.frame_bytes(f) for f in case["frames"]]
+                if case["valid"]:
+                    self.assertEqual(protocol.parse(raw).op, case["op"])
+                else:
+                    with self.assertRaises(ProtocolError):
+                        protocol.parse(raw)
 
     def test_the_refusal_says_what_was_expected(self):
         s = Session()
@@ -122,16 +138,16 @@ class StateTest(unittest.TestCase):
         self.assertIn("expected abort or open", str(ctx.exception))
         s.state = State.FINISHED
         with self.assertRaises(ProtocolError) as ctx:
-            s.check(self.OPS["abort"])
-        self.assertIn("the session is over", str(ctx.exception))
+            s.check(self.OPS["finish"])
+        self.assertIn("expected abort or open", str(ctx.exception))
 
-    def test_a_whole_session_walks_idle_open_released_finished(self):
+    def test_abort_then_open_again_and_open_after_finish(self):
         s = Session()
-        for op in ("open", "load", "load", "release", "finish"):
-            self.assertFalse(s.done)
+        for op, state in (("open", State.OPEN), ("load", State.OPEN), ("abort", State.IDLE), ("open", State.OPEN),
+                          ("load", State.OPEN), ("release", State.RELEASED), ("finish", State.FINISHED),
+                          ("open", State.OPEN)):
             s.advance(self.OPS[op])
-        self.assertIs(s.state, State.FINISHED)
-        self.assertTrue(s.done)
+            self.assertIs(s.state, state, op)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ class Store:
 class Session:
     """One worker session in a background thread, and ce talking to it."""
 
-    def __init__(self, test, load_fn, post_hook=None, op_timeout_s=10.0, wait_s=10.0, **kw):
+    def __init__(self, test, load_fn, post_hook=None, op_timeout_s=10.0, wait_s=10.0, sessions=1, **kw):
         self.ce = support.Ce()
         self.buf = support.ShmBuffer(2 * SLOT)
         test.addCleanup(self.buf.close)
@@ -38,8 +38,13 @@ class Session:
         self.receiver = Receiver(load_fn, post_hook, device=torch.device("cpu"), **kw)
         sock = connect_rep(self.ce.endpoint)
         test.addCleanup(sock.close)
-        self.worker = support.Background(
-            lambda: serve_session(sock, self.receiver, op_timeout_s=op_timeout_s, wait_s=wait_s))
+        if sessions == 1:
+            self.worker = support.Background(
+                lambda: serve_session(sock, self.receiver, op_timeout_s=op_timeout_s, wait_s=wait_s))
+        else:  # one worker serving several sessions on one socket: result() is their summaries
+            self.worker = support.Background(
+                lambda: [serve_session(sock, self.receiver, op_timeout_s=op_timeout_s, wait_s=wait_s)
+                         for _ in range(sessions)])
 
 
 class ReceiverTest(unittest.TestCase):
@@ -135,27 +140,49 @@ class ReceiverTest(unittest.TestCase):
         s.ce.request({"op": "abort", "reason": "worker failed"})
         s.worker.result()
 
-    def test_abort_drops_the_mapping_and_ends_the_session_from_any_live_state(self):
-        for before in ([], ["open"], ["open", "load"], ["open", "load", "release"]):
+    def test_abort_from_any_state_drops_the_mapping_ends_the_session_and_leaves_the_worker_idle(self):
+        for before in ([], ["open"], ["open", "load"], ["open", "load", "release"],
+                       ["open", "load", "release", "finish", "open"]):
             with self.subTest(before=before):
-                s = Session(self, Store().load)
-                if "open" in before:
-                    s.ce.open_cpu(s.buf, slot_bytes=SLOT)
-                if "load" in before:
-                    s.ce.push(s.buf, {"w": torch.ones(2)}, slot_bytes=SLOT)
-                if "release" in before:
-                    s.ce.request({"op": "release"})
+                s = Session(self, Store().load, sessions=2 if "finish" in before else 1)
+                for op in before:
+                    if op == "open":
+                        self.assertTrue(s.ce.open_cpu(s.buf, slot_bytes=SLOT)["ok"])
+                    elif op == "load":
+                        s.ce.push(s.buf, {"w": torch.ones(2)}, slot_bytes=SLOT)
+                    else:
+                        self.assertTrue(s.ce.request({"op": op})["ok"])
                 self.assertEqual(s.ce.request({"op": "abort", "reason": "rank 2 failed"}), {"ok": True})
                 summary = s.worker.result()
+                summary = summary[-1] if isinstance(summary, list) else summary
                 self.assertEqual((summary["state"], summary["reason"]), ("aborted", "rank 2 failed"))
                 self.assertIsNone(s.receiver.mapping)
+                self.assertEqual(s.receiver.session.state.value, "idle")
 
-    def test_silence_from_ce_times_the_session_out_and_unmaps(self):
+    def test_after_an_abort_the_same_worker_on_the_same_socket_takes_the_next_open(self):
+        store = Store()
+        s = Session(self, store.load, sessions=2)
+        self.assertEqual(s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=1), {"ok": True})
+        self.assertEqual(s.ce.push(s.buf, {"w": torch.zeros(3)}, slot_bytes=SLOT), [{"ok": True}])
+        self.assertEqual(s.ce.request({"op": "abort", "reason": "rank 1 failed"}), {"ok": True})
+        self.assertIsNone(s.receiver.mapping, "abort unmapped the buffer")
+        self.assertEqual(s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=2), {"ok": True})
+        self.assertEqual(s.ce.push(s.buf, {"w": torch.full((3,), 2.0)}, slot_bytes=SLOT), [{"ok": True}])
+        self.assertEqual(s.ce.request({"op": "release"}), {"ok": True})
+        self.assertEqual(s.ce.request({"op": "finish"}), {"ok": True})
+        aborted, finished = s.worker.result()
+        self.assertEqual((aborted["state"], aborted["version"], aborted["reason"]), ("aborted", 1, "rank 1 failed"))
+        self.assertEqual((finished["state"], finished["version"], finished["buckets"]), ("finished", 2, 1))
+        self.assertTrue(torch.equal(store.params["w"], torch.full((3,), 2.0)))
+        self.assertIsNone(s.receiver.mapping)
+
+    def test_silence_from_ce_times_the_session_out_unmaps_and_leaves_the_worker_idle(self):
         s = Session(self, Store().load, op_timeout_s=0.3)
         s.ce.open_cpu(s.buf, slot_bytes=SLOT)
         with self.assertRaisesRegex(SessionTimeout, r"no request from ce within 0.3 s \(session open"):
             s.worker.result()
         self.assertIsNone(s.receiver.mapping)
+        self.assertEqual(s.receiver.session.state.value, "idle")
 
     def test_release_refuses_to_unmap_under_a_view_the_engine_kept(self):
         kept = []
