@@ -1,10 +1,11 @@
 #!/usr/bin/env bun
 // The root command: global flags, lazily loaded verbs, and the one place errors are shown.
-import { type CommandDef, defineCommand, renderUsage, runCommand } from "citty";
+import { type ArgsDef, type CommandDef, defineCommand, renderUsage, runCommand } from "citty";
 import pkg from "../package.json" with { type: "json" };
 import { config } from "./base/config";
 import { CeError, UsageError } from "./base/errors";
 import { log, setLogLevel, writeJson } from "./base/log";
+import { checkFlags } from "./commands/_flags";
 
 const subCommands: Record<string, () => Promise<CommandDef<any>>> = {
   update: () => import("./commands/update").then((m) => m.default),
@@ -29,6 +30,12 @@ function flagValue(argv: string[], name: string): string | undefined {
   if (i < 0) return undefined;
   const a = argv[i]!;
   return a.includes("=") ? a.slice(a.indexOf("=") + 1) : argv[i + 1];
+}
+
+/** citty lets args be a value, a function or a promise of either. */
+async function resolveValue(v: unknown): Promise<ArgsDef | undefined> {
+  const x = typeof v === "function" ? await (v as () => unknown)() : await v;
+  return x as ArgsDef | undefined;
 }
 
 async function usageOf(argv: string[]): Promise<string> {
@@ -64,6 +71,8 @@ export async function run(argv: string[]): Promise<number> {
     return 0;
   }
   try {
+    const cmd = await subCommands[verb]!();
+    checkFlags(verb, argv.slice(1), { ...((await resolveValue(cmd.args)) ?? {}) });
     await runCommand(main, { rawArgs: argv });
     return Number(process.exitCode ?? 0);
   } catch (err) {

@@ -8,7 +8,7 @@ export interface EnvDecl {
   doc: string;
 }
 
-export const ENV: readonly EnvDecl[] = [
+export const ENV = [
   { name: "CE_LIB", default: "", doc: "path to libce.so (default: beside the ce executable, then dist/)" },
   { name: "CE_LIBZMQ", default: "", doc: "path to a libzmq.so.5 to use instead of the one embedded in ce" },
   { name: "CE_LIBCUDA", default: "libcuda.so.1", doc: "CUDA driver library to dlopen" },
@@ -22,20 +22,21 @@ export const ENV: readonly EnvDecl[] = [
   { name: "CE_SHM_DIR", default: "/dev/shm", doc: "where CPU-backend slot buffers and synthetic checkpoints live" },
   { name: "CE_PYTHON", default: "python3", doc: "Python interpreter for --worker python" },
   { name: "CE_LOG_LEVEL", flag: "--log-level", default: "info", doc: "silent, warn, info, debug or trace" },
-] as const;
+] as const satisfies readonly EnvDecl[];
 
 export type EnvName = (typeof ENV)[number]["name"];
 
-export type Config = Record<string, string>;
+/** One string per declared variable: a misspelt name does not type-check. */
+export type Config = { readonly [K in EnvName]: string };
 
 /** The environment's value for every declared variable, defaults filled in. */
 export function readConfig(env: Record<string, string | undefined> = process.env): Config {
-  const out: Config = {};
+  const out: Partial<Record<EnvName, string>> = {};
   for (const decl of ENV) {
     const value = env[decl.name];
     out[decl.name] = value === undefined || value === "" ? decl.default : value;
   }
-  return out;
+  return out as Config;
 }
 
 export const config: Config = readConfig();

@@ -1,5 +1,6 @@
 // Logs go to stderr through one consola instance; stdout carries only results and --json.
 import { createConsola, type ConsolaInstance } from "consola";
+import { formatBytes, formatRate } from "./units";
 
 export type LogLevelName = "silent" | "warn" | "info" | "debug" | "trace";
 
@@ -31,34 +32,6 @@ export function logger(tag: string): ConsolaInstance {
   return l;
 }
 
-const GiB = 1024 ** 3;
-const MiB = 1024 ** 2;
-const KiB = 1024;
-
-/** Sizes are binary (GiB), as memory is. */
-export function formatBytes(bytes: number): string {
-  if (bytes >= GiB) return `${(bytes / GiB).toFixed(2)} GiB`;
-  if (bytes >= MiB) return `${(bytes / MiB).toFixed(1)} MiB`;
-  if (bytes >= KiB) return `${(bytes / KiB).toFixed(1)} KiB`;
-  return `${bytes} B`;
-}
-
-/** Rates are decimal (GB/s), as link speeds are quoted. */
-export function formatRate(bytes: number, seconds: number): string {
-  if (seconds <= 0) return "- GB/s";
-  return `${(bytes / seconds / 1e9).toFixed(1)} GB/s`;
-}
-
-export function gbps(bytes: number, seconds: number): number {
-  return seconds > 0 ? bytes / seconds / 1e9 : 0;
-}
-
-export function formatSeconds(seconds: number): string {
-  if (seconds < 1) return `${(seconds * 1000).toFixed(1)} ms`;
-  return `${seconds.toFixed(2)} s`;
-}
-
-/** Writes one machine-readable result to stdout. */
 export function writeJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value)}\n`);
 }

@@ -39,3 +39,32 @@ export function parseDuration(text: string, what = "duration"): number {
   }
   return Math.round(Number(m[1]) * unit);
 }
+
+const GIB = 1024 ** 3;
+const MIB = 1024 ** 2;
+const KIB = 1024;
+
+/** Sizes are binary (GiB), as memory is. */
+export function formatBytes(bytes: number): string {
+  if (bytes >= GIB) return `${(bytes / GIB).toFixed(2)} GiB`;
+  if (bytes >= MIB) return `${(bytes / MIB).toFixed(1)} MiB`;
+  if (bytes >= KIB) return `${(bytes / KIB).toFixed(1)} KiB`;
+  return `${bytes} B`;
+}
+
+/** Rates are decimal (GB/s), as link speeds are quoted. */
+export function formatRate(bytes: number, seconds: number): string {
+  if (seconds <= 0) return "- GB/s";
+  return `${(bytes / seconds / 1e9).toFixed(1)} GB/s`;
+}
+
+export function gbps(bytes: number, seconds: number): number {
+  return seconds > 0 ? bytes / seconds / 1e9 : 0;
+}
+
+export function formatSeconds(seconds: number): string {
+  if (seconds < 1) return `${(seconds * 1000).toFixed(1)} ms`;
+  return `${seconds.toFixed(2)} s`;
+}
+
+/** Writes one machine-readable result to stdout. */

@@ -1,16 +1,14 @@
 // Registered checkpoints: name@version → one pinned host region per file. A file on a RAM file
 // system (/dev/shm) is pinned in place (mapped read-only, no copy); any other file is read into
 // pinned memory. The user's files are never written, moved or deleted.
-import { statfsSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { assertUnchanged, type Checkpoint } from "./checkpoint";
 import { config } from "../base/config";
 import { CeError, InputError, NativeError, errorMessage } from "../base/errors";
+import { onRamFs } from "../base/fsinfo";
 import { logger } from "../base/log";
 import type { Ctx } from "../native/ce";
 
-/** statfs f_type of tmpfs and ramfs: files there are already in RAM, so pinning them in place copies nothing. */
-const RAM_FS_TYPES = new Set([0x01021994, 0x858458f6]);
 
 export interface RegisteredFile {
   path: string;
@@ -27,14 +25,6 @@ export interface Registration {
   /** Wall seconds to pin (or read) every file. */
   registerSeconds: number;
   inPlace: boolean;
-}
-
-export function onRamFs(path: string): boolean {
-  try {
-    return RAM_FS_TYPES.has(Number(statfsSync(path).type));
-  } catch {
-    return false;
-  }
 }
 
 const OP_TIMEOUT_MS = 10 * 60_000;

@@ -1,5 +1,10 @@
 // Argument blocks shared by several commands.
 import type { ArgDef } from "citty";
+import type { EngineSpec, UpdaterOptions } from "../app/updater";
+import { config } from "../base/config";
+import { UsageError } from "../base/errors";
+import { parseDuration, parseSize } from "../base/units";
+import type { BackendChoice, DeviceSelection } from "../core/devices";
 
 export const outputArgs = {
   json: { type: "boolean", description: "print one JSON result on stdout (logs stay on stderr)", default: false },
@@ -31,3 +36,69 @@ export const engineArgs = {
   verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
   broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
 } as const satisfies Record<string, ArgDef>;
+
+// From flags to typed options: every check that names a flag lives here, before anything slow runs
+// (opening a checkpoint, writing a synthetic one of many GiB).
+
+/** --bucket-size, --slots and --timeout, with their CE_* defaults. */
+export function planOptions(args: { "bucket-size"?: string; slots?: string; timeout?: string }): PlanOptions {
+  const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
+  const slotsSpec = args.slots ?? config.CE_SLOTS;
+  let slots: number | undefined;
+  if (slotsSpec !== "auto") {
+    slots = Number(slotsSpec);
+    if (!Number.isSafeInteger(slots) || slots < 1) throw new UsageError(`--slots "${slotsSpec}": use a whole number of at least 1, or auto`);
+  }
+  return {
+    bucketBytes: bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size"),
+    slots,
+    timeoutMs: parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout"),
+  };
+}
+
+export interface PlanOptions {
+  bucketBytes?: number;
+  slots?: number;
+  timeoutMs: number;
+}
+
+/** --device and --devices: the backend and which devices. */
+export function deviceOptions(args: { device?: string; devices?: string }): { backend: BackendChoice; select: DeviceSelection } {
+  const b = args.device ?? config.CE_DEVICE;
+  if (b !== "cuda" && b !== "cpu" && b !== "auto") throw new UsageError(`--device "${b}": use cuda, cpu or auto`);
+  const spec = args.devices;
+  if (spec === undefined || spec === "") return { backend: b, select: undefined };
+  if (/^\d+$/.test(spec)) {
+    const count = Number(spec);
+    if (count < 1) throw new UsageError(`--devices ${spec}: at least one device`);
+    return { backend: b, select: { count } };
+  }
+  const list = spec.split(",").map((s) => s.trim());
+  if (!list.every((s) => /^\d+$/.test(s))) throw new UsageError(`--devices "${spec}" is neither a count nor a list like 0,2,3`);
+  const ordinals = list.map(Number);
+  if (new Set(ordinals).size !== ordinals.length) throw new UsageError(`--devices "${spec}" names a device twice`);
+  return { backend: b, select: { ordinals } };
+}
+
+/** --engine, --endpoint, --worker and --verify: what to trigger. */
+export function engineOptions(args: { engine?: string; endpoint?: string; worker?: string; verify?: boolean }): EngineSpec {
+  const kind = args.engine ?? (args.endpoint ? "vllm" : "workers");
+  if (kind === "workers") {
+    const worker = args.worker ?? "ref";
+    if (worker !== "ref" && worker !== "python") throw new UsageError(`--worker "${worker}": use ref or python`);
+    return { kind, worker, verify: args.verify ?? true, python: config.CE_PYTHON };
+  }
+  if (kind !== "vllm" && kind !== "external") throw new UsageError(`--engine "${kind}": use vllm, external or workers`);
+  if (!args.endpoint) throw new UsageError(`--engine ${kind} needs --endpoint URL`);
+  return { kind, endpoint: args.endpoint };
+}
+
+/** Everything openUpdater needs from the shared engine and device flags. */
+export function updaterOptions(args: Parameters<typeof engineOptions>[0] & Parameters<typeof deviceOptions>[0] & { broadcast?: boolean }): UpdaterOptions {
+  return {
+    ...deviceOptions(args),
+    engine: engineOptions(args),
+    opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
+    forceBroadcast: args.broadcast ?? false,
+  };
+}

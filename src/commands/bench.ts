@@ -4,13 +4,15 @@ import { defineCommand } from "citty";
 import { type Ceilings, floorSeconds, measureCeilings } from "../bench/ceilings";
 import { config } from "../base/config";
 import { UsageError } from "../base/errors";
-import { formatBytes, formatSeconds, gbps, log, writeJson } from "../base/log";
+import { log, writeJson } from "../base/log";
 import { register, unregister } from "../checkpoint/registry";
 import { writeTrace } from "../core/report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../app/updater";
-import { parseDuration, parseSize } from "../base/units";
+import { cleanupOnSignal } from "../app/signals";
+import { type Updater, openUpdater } from "../app/updater";
+import { synthesize } from "../checkpoint/synth";
+import { formatBytes, formatSeconds, gbps } from "../base/units";
 import type { UpdateSummary } from "../core/update";
-import { deviceArgs, outputArgs, planArgs } from "./_args";
+import { deviceArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 
 interface Stats {
   median: number;
@@ -65,12 +67,8 @@ export default defineCommand({
   async run({ args }) {
     const repeat = Number(args.repeat);
     if (!Number.isSafeInteger(repeat) || repeat < 1) throw new UsageError(`--repeat "${args.repeat}" is not a positive whole number`);
-    const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
-    const slotsSpec = args.slots ?? config.CE_SLOTS;
-    const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
-    const slots = parseSlots(slotsSpec);
-    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
-    checkSetupOptions({ ...args, engine: "workers" });
+    const { bucketBytes, slots, timeoutMs } = planOptions(args);
+    const options = updaterOptions({ ...args, engine: "workers" });
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);
 
@@ -84,7 +82,7 @@ export default defineCommand({
     });
     log.info(`checkpoint written in ${formatSeconds((performance.now() - t0) / 1000)}`);
     try {
-      up = await openUpdater(setupOptions({ ...args, engine: "workers" }));
+      up = await openUpdater(options);
       try {
         const result = await bench(up, synth.ckpt, { model: args.model, worker: args.worker, repeat, bucketBytes, slots, timeoutMs, copyRegister: args["copy-register"], trace: args.trace });
         if (args.json) writeJson({ ok: true, ...result });

@@ -1,7 +1,8 @@
 // ce inspect PATH: validate a checkpoint's headers and describe it, without reading its data.
 import { defineCommand } from "citty";
 import { openCheckpoint, summarize, type CheckpointSummary } from "../checkpoint/checkpoint";
-import { formatBytes, writeJson } from "../base/log";
+import { writeJson } from "../base/log";
+import { formatBytes } from "../base/units";
 import { formatShape } from "../checkpoint/safetensors";
 import { outputArgs } from "./_args";
 

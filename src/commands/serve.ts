@@ -5,9 +5,8 @@ import { config } from "../base/config";
 import { UsageError } from "../base/errors";
 import { log, writeJson } from "../base/log";
 import { Daemon, route } from "../serve/daemon";
-import { checkSetupOptions, openUpdater, parseSlots, setupOptions } from "../app/updater";
-import { parseDuration, parseSize } from "../base/units";
-import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
+import { openUpdater } from "../app/updater";
+import { deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 
 export default defineCommand({
   meta: {
@@ -27,13 +26,8 @@ export default defineCommand({
   async run({ args }) {
     const port = Number(args.port);
     if (!Number.isSafeInteger(port) || port < 0 || port > 65535) throw new UsageError(`--port "${args.port}" is not a port number`);
-    const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
-    const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
-    const slots = parseSlots(args.slots ?? config.CE_SLOTS);
-    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
-    checkSetupOptions(args);
-
-    const up = await openUpdater(setupOptions(args));
+    const { bucketBytes, slots, timeoutMs } = planOptions(args);
+    const up = await openUpdater(updaterOptions(args));
     const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs });
     let server: ReturnType<typeof Bun.serve>;
     try {

@@ -6,9 +6,10 @@ import { UsageError } from "../base/errors";
 import { Progress, log, writeJson } from "../base/log";
 import { register, unregister } from "../checkpoint/registry";
 import { summaryLines, writeTrace } from "../core/report";
-import { type Updater, checkSetupOptions, cleanupOnSignal, openUpdater, parseSlots, setupOptions, synthesize } from "../app/updater";
-import { parseDuration, parseSize } from "../base/units";
-import { deviceArgs, engineArgs, outputArgs, planArgs } from "./_args";
+import { cleanupOnSignal } from "../app/signals";
+import { type Updater, openUpdater } from "../app/updater";
+import { synthesize } from "../checkpoint/synth";
+import { deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 
 export const updateArgs = {
   checkpoint: {
@@ -38,12 +39,8 @@ export default defineCommand({
     if (!args.checkpoint === !args.synthetic) throw new UsageError("give exactly one of --checkpoint PATH and --synthetic MODEL");
     const version = Number(args.version);
     if (!Number.isSafeInteger(version) || version < 0) throw new UsageError(`--version "${args.version}" is not a whole number`);
-    const timeoutMs = parseDuration(args.timeout ?? config.CE_TIMEOUT, "--timeout");
-    const bucketSpec = args["bucket-size"] ?? config.CE_BUCKET_SIZE;
-    const slotsSpec = args.slots ?? config.CE_SLOTS;
-    const bucketBytes = bucketSpec === "auto" ? undefined : parseSize(bucketSpec, "--bucket-size");
-    const slots = parseSlots(slotsSpec);
-    checkSetupOptions(args);
+    const { bucketBytes, slots, timeoutMs } = planOptions(args);
+    const options = updaterOptions(args);
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);
 
@@ -57,7 +54,7 @@ export default defineCommand({
       ckpt = await openCheckpoint(args.checkpoint!);
     }
     try {
-      up = await openUpdater(setupOptions(args));
+      up = await openUpdater(options);
       try {
         const name = args.name ?? args.synthetic ?? ckpt.root.split("/").filter(Boolean).at(-1)!;
         const reg = await register(up.ctx, ckpt, { name, version });

@@ -1,10 +1,11 @@
 // Which devices an update runs on: the backend (cuda or cpu), the local device list, and what
 // each device is called on the wire (its UUID) and has free.
-import { statfsSync } from "node:fs";
 import { freemem, hostname } from "node:os";
 import { config } from "../base/config";
-import { UsageError } from "../base/errors";
-import { type Backend, cudaDeviceCount, cudaDeviceInfo, cudaLoad } from "../native/ce";
+import { InputError } from "../base/errors";
+import { freeBytesIn } from "../base/fsinfo";
+import { cudaDeviceCount, cudaDeviceInfo, cudaLoad } from "../native/ce";
+import type { Backend } from "./backend";
 
 export interface Device {
   /** index in the context (0..n-1) */
@@ -21,30 +22,26 @@ export interface DeviceSet {
   devices: Device[];
 }
 
-/** Simulated CPU devices when --devices is not given: enough to show the fan-out. */
+/** Simulated CPU devices when none are named: enough to show the fan-out. */
 export const DEFAULT_CPU_DEVICES = 2;
 
-/** "3" → the first 3; "0,2" → those; undefined → all (cuda) or DEFAULT_CPU_DEVICES (cpu). */
-export function parseDeviceList(spec: string | undefined, available: number | undefined): number[] {
-  if (spec === undefined || spec === "") {
-    const n = available ?? DEFAULT_CPU_DEVICES;
-    return Array.from({ length: n }, (_, i) => i);
+/** Which devices: the first `count`, these ordinals, or (undefined) every GPU / DEFAULT_CPU_DEVICES. */
+export type DeviceSelection = { count: number } | { ordinals: number[] } | undefined;
+
+export type BackendChoice = Backend | "auto";
+
+function selectOrdinals(select: DeviceSelection, available: number | undefined): number[] {
+  const all = (n: number) => Array.from({ length: n }, (_, i) => i);
+  if (select === undefined) return all(available ?? DEFAULT_CPU_DEVICES);
+  if ("count" in select) {
+    if (available !== undefined && select.count > available) {
+      throw new InputError("E_DEVICES", `${select.count} GPUs asked for, but this host has ${available}`);
+    }
+    return all(select.count);
   }
-  if (/^\d+$/.test(spec)) {
-    const n = Number(spec);
-    if (n < 1) throw new UsageError(`--devices ${spec}: at least one device`);
-    if (available !== undefined && n > available) throw new UsageError(`--devices ${spec}: this host has ${available} GPUs`);
-    return Array.from({ length: n }, (_, i) => i);
-  }
-  const list = spec.split(",").map((s) => s.trim());
-  if (!list.every((s) => /^\d+$/.test(s))) throw new UsageError(`--devices "${spec}" is neither a count nor a list like 0,2,3`);
-  const ordinals = list.map(Number);
-  if (new Set(ordinals).size !== ordinals.length) throw new UsageError(`--devices "${spec}" names a device twice`);
-  if (available !== undefined) {
-    const bad = ordinals.find((o) => o >= available);
-    if (bad !== undefined) throw new UsageError(`--devices: GPU ${bad} does not exist (this host has ${available})`);
-  }
-  return ordinals;
+  const bad = available === undefined ? undefined : select.ordinals.find((o) => o >= available);
+  if (bad !== undefined) throw new InputError("E_DEVICES", `GPU ${bad} does not exist (this host has ${available})`);
+  return select.ordinals;
 }
 
 /** Whether a CUDA driver with at least one GPU is here; never throws. */
@@ -57,42 +54,30 @@ export function gpuPresent(): boolean {
   }
 }
 
-export function resolveBackend(spec: string | undefined): Backend {
-  const s = spec ?? config.CE_DEVICE;
-  if (s === "cuda" || s === "cpu") return s;
-  if (s === "auto") return gpuPresent() ? "cuda" : "cpu";
-  throw new UsageError(`--device "${s}": use cuda, cpu or auto`);
+export function resolveBackend(choice: BackendChoice): Backend {
+  return choice === "auto" ? (gpuPresent() ? "cuda" : "cpu") : choice;
 }
 
-/** Bytes free for us in the file system holding dir; undefined when it cannot be read. */
-export function freeBytesIn(dir: string): number | undefined {
-  try {
-    const st = statfsSync(dir);
-    return Number(st.bavail) * Number(st.bsize);
-  } catch {
-    return undefined;
-  }
-}
 
 /** Free memory for CPU-backend slot buffers: RAM, and the shared-memory file system they live in. */
 function cpuFreeBytes(): number {
   return Math.min(freemem(), freeBytesIn(config.CE_SHM_DIR) ?? Number.MAX_SAFE_INTEGER);
 }
 
-export function resolveDevices(backendSpec: string | undefined, devicesSpec: string | undefined): DeviceSet {
-  const backend = resolveBackend(backendSpec);
+export function resolveDevices(choice: BackendChoice, select?: DeviceSelection): DeviceSet {
+  const backend = resolveBackend(choice);
   if (backend === "cuda") {
     cudaLoad();
     const count = cudaDeviceCount();
-    if (count === 0) throw new UsageError("--device cuda: the CUDA driver sees no GPU", { hint: "use --device cpu" });
-    const ordinals = parseDeviceList(devicesSpec, count);
+    if (count === 0) throw new InputError("E_DEVICES", "the CUDA driver sees no GPU", { hint: "use the cpu backend (--device cpu)" });
+    const ordinals = selectOrdinals(select, count);
     const devices = ordinals.map((ordinal, index) => {
       const info = cudaDeviceInfo(ordinal);
       return { index, ordinal, uuid: info.uuid, name: info.name, freeBytes: info.free_bytes };
     });
     return { backend, devices };
   }
-  const ordinals = parseDeviceList(devicesSpec, undefined);
+  const ordinals = selectOrdinals(select, undefined);
   const host = hostname();
   const free = cpuFreeBytes();
   // The simulated devices share the host's memory.

@@ -1,8 +1,72 @@
 // How an update's summary reads: the story at info level, and the per-bucket timeline as a Chrome
 // trace-event file (open it in Perfetto to see H2D, broadcast and reload overlap).
 import { writeFileSync } from "node:fs";
-import { formatBytes, formatRate, formatSeconds } from "../base/log";
-import type { UpdateSummary } from "./update";
+import { formatBytes, formatRate, formatSeconds, gbps } from "../base/units";
+import type { BucketTrace } from "./pipeline";
+
+export interface UpdateSummary {
+  checkpoint: string;
+  version: number;
+  backend: string;
+  devices: string[];
+  engine: string;
+  bytes: number;
+  tensors: number;
+  buckets: number;
+  bucketBytes: number;
+  slotBytes: number;
+  slots: number;
+  staging: number;
+  mode: "direct" | "broadcast";
+  fallbacks: string[];
+  seconds: number;
+  gbps: number;
+  /** Seconds from the start: plan, buffers; `open` until every worker mapped the buffer (the first
+   *  H2Ds run meanwhile); `data` from then to the last load reply; release + finish. */
+  phases: { plan: number; buffers: number; open: number; data: number; close: number };
+  /** Busy seconds of each stage summed over buckets (stages overlap, so they add up to more than `data`). */
+  stages: { h2d: number; bcast: number; reload: number };
+  registerSeconds: number;
+  inPlace: boolean;
+  deviceBytes: number;
+  trace: BucketTrace[];
+}
+
+/** performance.now() at the end of each phase. */
+export interface PhaseMarks {
+  start: number;
+  planned: number;
+  buffers: number;
+  opened: number;
+  data: number;
+  end: number;
+}
+
+type Facts = Omit<UpdateSummary, "seconds" | "gbps" | "phases" | "stages" | "trace">;
+
+/** The summary of a finished update, from what it was and when each phase ended. */
+export function buildSummary(facts: Facts, t: PhaseMarks, trace: BucketTrace[]): UpdateSummary {
+  const seconds = (t.end - t.start) / 1000;
+  const busy = (spans: ([number, number] | undefined)[]) => spans.reduce((s, x) => s + (x ? x[1] - x[0] : 0), 0) / 1000;
+  return {
+    ...facts,
+    seconds,
+    gbps: gbps(facts.bytes, seconds),
+    phases: {
+      plan: (t.planned - t.start) / 1000,
+      buffers: (t.buffers - t.planned) / 1000,
+      open: (t.opened - t.buffers) / 1000,
+      data: (t.data - t.opened) / 1000,
+      close: (t.end - t.data) / 1000,
+    },
+    stages: {
+      h2d: busy(trace.map((b) => b.h2d)),
+      bcast: busy(trace.map((b) => b.bcast)),
+      reload: busy(trace.map((b) => [Math.min(...b.reload.map((r) => r[0])), Math.max(...b.reload.map((r) => r[1]))] as [number, number])),
+    },
+    trace,
+  };
+}
 
 export function summaryLines(s: UpdateSummary): string[] {
   const pct = (x: number) => `${((x / s.seconds) * 100).toFixed(0)}%`;

@@ -4,10 +4,9 @@
 import type { Subprocess } from "bun";
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
-import { config } from "../base/config";
 import { WorkerError } from "../base/errors";
 import { logger } from "../base/log";
-import type { Backend } from "../native/ce";
+import type { Backend } from "../core/backend";
 import type { Engine } from "./types";
 
 const log = logger("workers");
@@ -98,7 +97,7 @@ export class WorkersEngine implements Engine {
     private readonly kind: WorkerKind,
     private readonly backend: Backend,
     private readonly specs: WorkerSpec[],
-    private readonly opts: { verify: boolean },
+    private readonly opts: { verify: boolean; /** interpreter for python workers (default python3) */ python?: string },
   ) {
     this.description = `${specs.length} ${kind === "ref" ? "reference" : "Python"} worker${specs.length === 1 ? "" : "s"}`;
     this.failure = this.#newFailure();
@@ -116,7 +115,7 @@ export class WorkersEngine implements Engine {
     const device = this.backend === "cuda" ? `cuda:${spec.ordinal}` : "cpu";
     const verify = this.opts.verify ? ["--verify"] : [];
     if (this.kind === "ref") return [...selfCommand(), "worker", "--endpoint", endpoint, "--device", device, ...verify];
-    return [config.CE_PYTHON, "-m", "ce_worker", "--endpoint", endpoint, "--device", device, ...verify];
+    return [this.opts.python ?? "python3", "-m", "ce_worker", "--endpoint", endpoint, "--device", device, ...verify];
   }
 
   async start(endpoints: Record<string, string>): Promise<void> {

@@ -28,6 +28,8 @@ type Summary = Omit<UpdateSummary, "trace">;
 /** The daemon's state: registered checkpoints by name, and the one update that may be running. */
 export class Daemon {
   readonly #regs = new Map<string, Registration>();
+  /** Names whose registration is under way: a second request for one is refused before it pins anything. */
+  readonly #registering = new Set<string>();
   #running: { checkpoint: string; startedMs: number; progress?: Progress } | undefined;
   #last: Summary | undefined;
 
@@ -41,9 +43,20 @@ export class Daemon {
     if (this.#regs.has(name)) {
       throw new CeError("E_CHECKPOINT_EXISTS", `checkpoint "${name}" is registered already`, { hint: `DELETE /v1/checkpoints/${name} first` });
     }
+    if (this.#registering.has(name)) {
+      throw new CeError("E_CHECKPOINT_EXISTS", `checkpoint "${name}" is being registered by an earlier request`, { hint: "wait for it: GET /v1/checkpoints" });
+    }
     const v = version ?? 1;
     if (!Number.isSafeInteger(v) || v < 0) throw new InputError("E_BAD_REQUEST", `version ${v} is not a whole number`);
-    const reg = await register(this.up.ctx, await openCheckpoint(path), { name, version: v });
+    // Reserved before the first await: two requests racing for one name would otherwise both pin,
+    // and the loser's region would stay pinned with no entry to release it.
+    this.#registering.add(name);
+    let reg: Registration;
+    try {
+      reg = await register(this.up.ctx, await openCheckpoint(path), { name, version: v });
+    } finally {
+      this.#registering.delete(name);
+    }
     this.#regs.set(name, reg);
     log.info(`registered ${name}@${v} from ${path} in ${reg.registerSeconds.toFixed(2)} s`);
     return describe(reg);
@@ -94,6 +107,8 @@ export class Daemon {
       devices: this.up.set.devices.map((d) => d.uuid),
       engine: this.up.engine.description,
       deviceBytes: this.up.session.heldBytes(),
+      pinnedBytes: this.up.ctx.stats().pinnedBytes,
+      hostBytes: this.up.ctx.stats().regionBytes,
     };
   }
 

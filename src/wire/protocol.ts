@@ -1,8 +1,11 @@
 // The worker protocol of DESIGN.md: JSON frames over ZeroMQ REQ/REP, nothing pickled. Pure:
-// builds and validates frames; sockets live elsewhere. python/ce_worker/protocol.py mirrors it.
+// builds and validates frames; sockets live elsewhere. Its states and transitions come from
+// worker-protocol.json, the one definition python/ce_worker/protocol.py is tested against too.
 import { InputError } from "../base/errors";
+import type { Dialect, OpenInfo, Step, StepReply } from "./dialect";
+import definition from "./worker-protocol.json" with { type: "json" };
 
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = definition.protocol;
 export const IPC_HANDLE_BYTES = 64;
 
 export interface WireTensor {
@@ -124,6 +127,8 @@ function parseTensor(t: unknown, i: number): WireTensor {
 export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: Uint8Array } {
   const obj = parseObject(frames[0], "request");
   const op = obj.op;
+  const takes = op === "open" && obj.backend === "cuda" ? 2 : 1;
+  if (frames.length > takes) throw new InputError("E_PROTOCOL", `${String(op)}: takes ${takes} frame${takes === 1 ? "" : "s"}, got ${frames.length}`);
   switch (op) {
     case "open": {
       const backend = obj.backend;
@@ -183,26 +188,47 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
 /** Where a worker stands in one update session. */
 export type WorkerState = "idle" | "open" | "released" | "finished";
 
-const ALLOWED: Record<OpName, readonly WorkerState[]> = {
-  open: ["idle", "finished"],
-  load: ["open"],
-  release: ["open"],
-  finish: ["released"],
-  abort: ["idle", "open", "released", "finished"],
-};
-
-const NEXT: Record<OpName, WorkerState> = {
-  open: "open",
-  load: "open",
-  release: "released",
-  finish: "finished",
-  abort: "idle",
-};
+const TRANSITIONS: Record<WorkerState, Partial<Record<OpName, WorkerState>>> = definition.transitions as never;
 
 /** The state after op, or an error saying why op does not fit the state. */
 export function transition(state: WorkerState, op: OpName): WorkerState {
-  if (!ALLOWED[op].includes(state)) {
-    throw new InputError("E_PROTOCOL_STATE", `op "${op}" does not fit state "${state}" (allowed in: ${ALLOWED[op].join(", ")})`);
+  const next = TRANSITIONS[state]?.[op];
+  if (next === undefined) {
+    const allowed = Object.keys(TRANSITIONS[state] ?? {});
+    throw new InputError("E_PROTOCOL_STATE", `op "${op}" does not fit state "${state}" (expected ${allowed.join(" or ")})`);
   }
-  return NEXT[op];
+  return next;
 }
+
+/** ce's own protocol as the channel speaks it. */
+export const ceDialect: Dialect = {
+  name: "ce",
+  open: (o: OpenInfo) =>
+    encodeRequest(
+      {
+        op: "open",
+        protocol: PROTOCOL_VERSION,
+        checkpoint: o.checkpoint,
+        version: o.version,
+        device_uuid: o.deviceUuid,
+        backend: o.backend,
+        buffer_bytes: o.bufferBytes,
+        slots: o.slots,
+        slot_bytes: o.slotBytes,
+        path: o.path,
+        files: o.files,
+        buckets: o.buckets,
+        tensors: o.tensors,
+        bytes: o.bytes,
+      },
+      o.handle,
+    ),
+  load: (l) => encodeRequest({ op: "load", bucket: l.bucket, slot: l.slot, tensors: l.tensors }),
+  release: () => encodeRequest({ op: "release" }),
+  finish: () => encodeRequest({ op: "finish" }),
+  abort: (reason) => encodeRequest({ op: "abort", reason }),
+  reply(frames: Uint8Array[], step: Step): StepReply {
+    const { ok, error, ...extra } = parseReply(frames, step);
+    return { ok, error, extra };
+  },
+};

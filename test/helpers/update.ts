@@ -105,15 +105,14 @@ async function shmDir(): Promise<TempDir> {
 }
 
 /** CPU-backend updater over n simulated devices with verifying workers. */
-export function cpuUpdater(n: number, opts: { worker?: "ref" | "python"; verify?: boolean; opTimeoutMs?: number; forceBroadcast?: boolean } = {}): Promise<Updater> {
+export function cpuUpdater(n: number, opts: { worker?: "ref" | "python"; python?: string; verify?: boolean; opTimeoutMs?: number; forceBroadcast?: boolean } = {}): Promise<Updater> {
   return within(
     60_000,
     `starting ${n} ${opts.worker ?? "ref"} workers`,
     openUpdater({
-      device: "cpu",
-      devices: String(n),
-      worker: opts.worker ?? "ref",
-      verify: opts.verify ?? true,
+      backend: "cpu",
+      select: { count: n },
+      engine: { kind: "workers", worker: opts.worker ?? "ref", verify: opts.verify ?? true, python: opts.python },
       opTimeoutMs: opts.opTimeoutMs ?? 30_000,
       forceBroadcast: opts.forceBroadcast,
     }),

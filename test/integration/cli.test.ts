@@ -110,6 +110,11 @@ describe.each(ways)("%s", (_name, ce) => {
     [["update", "--checkpoint", "x.safetensors", "--device", "cpu", "--engine", "vllm"], "--engine vllm needs --endpoint URL"],
     // Flags are checked before the synthetic checkpoint (GiBs) is written.
     [["update", "--synthetic", "Qwen3-0.6B", "--device", "cpu", "--devices", "0,0"], '--devices "0,0" names a device twice'],
+    // An unknown flag is refused, never run with a default in its place.
+    [["update", "--synthetic", "Qwen3-0.6B", "--device", "cpu", "--bucket-sise", "1MiB"], "unknown flag --bucket-sise (did you mean --bucket-size?)"],
+    [["bench", "--model", "Qwen3-0.6B", "--repeats", "3"], "unknown flag --repeats (did you mean --repeat?)"],
+    [["serve", "--prot=0"], "unknown flag --prot (did you mean --port?)"],
+    [["inspect", "x.safetensors", "--frobnicate"], "ce inspect: unknown flag --frobnicate"],
   ])("%p is a usage error (exit 2), found before the checkpoint is read or written", async (args, message) => {
     const r = await run([...ce, ...args]);
     expect(r.code).toBe(2);
@@ -171,7 +176,7 @@ describe.each(ways)("%s", (_name, ce) => {
       const r = await run([...ce, "update", "--checkpoint", ck.dir.path, "--device", "cpu", "--devices", "3", "--bucket-size", "256KiB", "--slots", "2", "--json"]);
       expect(r.code).toBe(0);
       const out = json(r);
-      expect(out).toMatchObject({ ok: true, backend: "cpu", bytes: ck.bytes, tensors: ck.tensors, mode: "broadcast", slots: 2, bucketBytes: 256 * 1024 });
+      expect(out).toMatchObject({ ok: true, backend: "cpu", bytes: ck.bytes, tensors: ck.tensors, mode: "direct", slots: 2, bucketBytes: 256 * 1024 });
       expect(out.devices).toHaveLength(3);
       expect(out.buckets).toBeGreaterThan(4);
       expect(out.trace).toBeUndefined();
@@ -203,7 +208,7 @@ test(
     const r = await run([EXE, "update", "--synthetic", "Qwen3-0.6B", "--device", "cpu", "--devices", "2", "--json"]);
     if (r.code !== 0) throw new Error(`exit ${r.code}\n${r.stderr}`);
     const out = json(r);
-    expect(out).toMatchObject({ ok: true, checkpoint: "Qwen3-0.6B", version: 1, backend: "cpu", mode: "broadcast", tensors: 310 });
+    expect(out).toMatchObject({ ok: true, checkpoint: "Qwen3-0.6B", version: 1, backend: "cpu", mode: "direct", tensors: 310 });
     expect(out.devices).toHaveLength(2);
     expect(out.bytes).toBeGreaterThan(1024 ** 3);
     expect(out.buckets).toBeGreaterThanOrEqual(1);

@@ -51,7 +51,7 @@ describe("ce serve", () => {
       for (let i = 0; i < 3; i++) {
         const up = await call(served.url, "POST", "/v1/update", { checkpoint: "policy" });
         expect(up.status).toBe(200);
-        expect(up.json).toMatchObject({ ok: true, checkpoint: "policy", version: 7, tensors: tc.tensors, bytes: tc.bytes, mode: "broadcast" });
+        expect(up.json).toMatchObject({ ok: true, checkpoint: "policy", version: 7, tensors: tc.tensors, bytes: tc.bytes, mode: "direct" });
         expect(up.json.trace).toBeUndefined();
       }
       const st = await call(served.url, "GET", "/v1/status");
@@ -81,6 +81,21 @@ describe("ce serve", () => {
       ]);
       expect(both.map((r) => r.status).sort()).toEqual([200, 409]);
       expect((await call(served.url, "GET", "/v1/nothing")).status).toBe(404);
+    },
+    120_000,
+  );
+
+  test(
+    "two registrations racing for one name: one wins, the other is refused before pinning, and nothing stays pinned after delete",
+    async () => {
+      const before = (await call(served.url, "GET", "/v1/status")).json.hostBytes as number;
+      const both = await Promise.all([
+        call(served.url, "POST", "/v1/checkpoints", { name: "race", path: tc.dir.path }),
+        call(served.url, "POST", "/v1/checkpoints", { name: "race", path: tc.dir.path }),
+      ]);
+      expect(both.map((r) => r.status).sort()).toEqual([201, 409]);
+      expect((await call(served.url, "DELETE", "/v1/checkpoints/race")).status).toBe(200);
+      expect((await call(served.url, "GET", "/v1/status")).json.hostBytes).toBe(before);
     },
     120_000,
   );

@@ -9,7 +9,6 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openCheckpoint } from "../../src/checkpoint/checkpoint";
-import { config } from "../../src/base/config";
 import { resolveDevices } from "../../src/core/devices";
 import type { WorkersEngine } from "../../src/engines/workers";
 import { TimeoutError, WorkerError } from "../../src/base/errors";
@@ -116,15 +115,17 @@ async function allGone(pids: number[]): Promise<boolean> {
 }
 
 describe("an update into reference workers", () => {
+  // CPU devices share one memory: each gets its own copy (direct); the broadcast path is forced to prove it.
   test.each([
     [1, "direct"],
+    [2, "direct"],
+    [4, "direct"],
     [2, "broadcast"],
     [3, "broadcast"],
-    [4, "broadcast"],
   ] as const)(
     "into %d worker(s) (%s path) is byte-exact, and the summary counts every byte, tensor and bucket",
     async (n, mode) => {
-      await withUpdater(await cpuUpdater(n), async (up) => {
+      await withUpdater(await cpuUpdater(n, { forceBroadcast: mode === "broadcast" }), async (up) => {
         await registered(up, ck, async (reg) => {
           const s = await update(up.session, reg);
           expectSummary(s, ck, n, mode);
@@ -156,7 +157,7 @@ describe("an update into reference workers", () => {
           await registered(up, shm, async (reg) => {
             expect(reg.inPlace).toBe(true);
             const s = await update(up.session, reg);
-            expectSummary(s, shm, 2, "broadcast");
+            expectSummary(s, shm, 2, "direct");
             expect(s.inPlace).toBe(true);
           });
         });
@@ -181,7 +182,7 @@ describe("an update into reference workers", () => {
       await withUpdater(await cpuUpdater(n), async (up) => {
         await registered(up, ck, async (reg) => {
           const s = await update(up.session, reg, { bucketBytes: largest, slots });
-          expectSummary(s, ck, n, n === 1 ? "direct" : "broadcast");
+          expectSummary(s, ck, n, "direct");
           expect(s.slots).toBe(slots);
           expect(s.buckets).toBeGreaterThan(8);
           expect(s.bucketBytes).toBe(Math.ceil(largest / 256) * 256);
@@ -200,11 +201,11 @@ describe("an update into reference workers", () => {
         await rewriteWithNewBytes(v2, 99);
         await withUpdater(await cpuUpdater(2), async (up) => {
           await registered(up, ck, async (reg) => {
-            expectSummary(await update(up.session, reg), ck, 2, "broadcast");
-            expectSummary(await update(up.session, reg, { bucketBytes: ck.ckpt.largestTensor.nbytes, slots: 2 }), ck, 2, "broadcast");
+            expectSummary(await update(up.session, reg), ck, 2, "direct");
+            expectSummary(await update(up.session, reg, { bucketBytes: ck.ckpt.largestTensor.nbytes, slots: 2 }), ck, 2, "direct");
           });
           await registered(up, v2, async (reg) => {
-            expectSummary(await update(up.session, reg), v2, 2, "broadcast");
+            expectSummary(await update(up.session, reg), v2, 2, "direct");
           });
         });
       } finally {
@@ -223,7 +224,7 @@ describe("an update into reference workers", () => {
           expect(err.hint).toContain("--bucket-size");
           expect(shmBuffersOf()).toEqual([]);
           expect(up.ctx.stats()).toMatchObject({ bufs: 0, ops: 0 });
-          expectSummary(await update(up.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(up.session, reg), ck, 2, "direct");
         });
       });
     },
@@ -269,7 +270,7 @@ describe("a failed update leaves the session ready for the next one", () => {
             await unregister(up.ctx, reg);
           }
           // Registered again, the pinned copy holds the file's new bytes.
-          await registered(up, t, async (reg2) => expectSummary(await update(up.session, reg2), t, 2, "broadcast"));
+          await registered(up, t, async (reg2) => expectSummary(await update(up.session, reg2), t, 2, "direct"));
         });
       } finally {
         await t.dir.cleanup();
@@ -285,7 +286,7 @@ describe("a failed update leaves the session ready for the next one", () => {
       const t = await smallCheckpoint({ files: 1, tensorsPerFile: 30, seed: 31 });
       try {
         await withUpdater(await cpuUpdater(2), async (up) => {
-          await registered(up, t, async (reg) => expectSummary(await update(up.session, reg), t, 2, "broadcast"));
+          await registered(up, t, async (reg) => expectSummary(await update(up.session, reg), t, 2, "direct"));
           // The same model with two tensors' shapes swapped (same bytes and count in all): an engine
           // cannot take either into its parameter.
           const file = t.ckpt.files[0]!;
@@ -300,7 +301,7 @@ describe("a failed update leaves the session ready for the next one", () => {
             expect(shmBuffersOf()).toEqual([]);
             expect(up.ctx.stats()).toMatchObject({ bufs: 0, ops: 0 });
             // The restarted workers take the new shape.
-            expectSummary(await update(up.session, reg), t, 2, "broadcast");
+            expectSummary(await update(up.session, reg), t, 2, "direct");
           });
         });
       } finally {
@@ -339,7 +340,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           for (const pid of after) expect(before).not.toContain(pid);
           expect(shmBuffersOf()).toEqual([]);
           expect(up.ctx.stats()).toMatchObject({ bufs: 0, ops: 0, regions: 3 });
-          expectSummary(await update(up.session, reg), ck, 3, "broadcast");
+          expectSummary(await update(up.session, reg), ck, 3, "direct");
         });
       });
     },
@@ -358,7 +359,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           expect(await allGone([victim])).toBe(true);
           await expectCeError(() => update(up.session, reg), "E_WORKER_DIED", up.session.devices[0]!.uuid, "SIGKILL");
           expect(shmBuffersOf()).toEqual([]);
-          expectSummary(await update(up.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(up.session, reg), ck, 2, "direct");
         });
       });
     },
@@ -371,7 +372,7 @@ describe("a failed update leaves the session ready for the next one", () => {
       const t = await smallCheckpoint({ files: 2, tensorsPerFile: 10, seed: 41 });
       const logs = await mkdtemp(join(tmpdir(), "ce-test-peers-"));
       const ndev = 2;
-      const set = resolveDevices("cpu", String(ndev));
+      const set = resolveDevices("cpu", { count: ndev });
       const ctx = Ctx.create("cpu", [0, 1]);
       const engine = new ScriptedEngine(
         set.devices.map((d) => d.uuid),
@@ -420,7 +421,7 @@ describe("a failed update leaves the session ready for the next one", () => {
   /** A session over scripted workers: generation 0 from `first`, every later one real verifying `ce worker`s. */
   async function scripted(ndev: number, first: (d: number, log: string) => PeerScript, opTimeoutMs: number) {
     const logs = await mkdtemp(join(tmpdir(), "ce-test-peers-"));
-    const set = resolveDevices("cpu", String(ndev));
+    const set = resolveDevices("cpu", { count: ndev });
     const ctx = Ctx.create(
       "cpu",
       set.devices.map((d) => d.ordinal),
@@ -472,7 +473,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           expect(shmBuffersOf()).toEqual([]);
           expect(s.ctx.stats()).toMatchObject({ bufs: 0, ops: 0, regions: 3 });
           expect(s.engine.generation).toBe(1);
-          expectSummary(await update(s.session, reg), ck, 3, "broadcast");
+          expectSummary(await update(s.session, reg), ck, 3, "direct");
         });
       } finally {
         await s.close();
@@ -502,7 +503,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           expect(peerLog(s.logOf(1)).at(-1)).toEqual({ op: "load", bucket: 1 });
           expect(shmBuffersOf()).toEqual([]);
           expect(s.ctx.stats()).toMatchObject({ bufs: 0, ops: 0 });
-          expectSummary(await update(s.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(s.session, reg), ck, 2, "direct");
         });
       } finally {
         await s.close();
@@ -533,7 +534,7 @@ describe("a failed update leaves the session ready for the next one", () => {
             expect(ops).not.toContain("finish");
           }
           expect(shmBuffersOf()).toEqual([]);
-          expectSummary(await update(s.session, reg), ck, 3, "broadcast");
+          expectSummary(await update(s.session, reg), ck, 3, "direct");
         });
       } finally {
         await s.close();
@@ -552,7 +553,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           expect(err.message).toContain(ck.ckpt.root);
           expect(peerLog(s.logOf(1)).at(-1)).toEqual({ op: "abort" });
           expect(shmBuffersOf()).toEqual([]);
-          expectSummary(await update(s.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(s.session, reg), ck, 2, "direct");
         });
       } finally {
         await s.close();
@@ -572,7 +573,7 @@ describe("a failed update leaves the session ready for the next one", () => {
           // The other worker may not have had its open yet when the failure stopped the update.
           expect(peerLog(s.logOf(1)).map((r) => r.op)).toBeOneOf([["open", "abort"], ["abort"]]);
           expect(shmBuffersOf()).toEqual([]);
-          expectSummary(await update(s.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(s.session, reg), ck, 2, "direct");
         });
       } finally {
         await s.close();
@@ -609,13 +610,13 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
       const up = await within(
         60_000,
         "opening the updater",
-        openUpdater({ device: "cpu", devices: "2", engine: "external", endpoint: url, verify: true, opTimeoutMs: 30_000 }),
+        openUpdater({ backend: "cpu", select: { count: 2 }, engine: { kind: "external", endpoint: url }, opTimeoutMs: 30_000 }),
       );
       try {
         await withUpdater(up, async () => {
           expect(up.engine.description).toBe(`external ${url}`);
           await registered(up, ck, async (reg) => {
-            expectSummary(await update(up.session, reg), ck, 2, "broadcast");
+            expectSummary(await update(up.session, reg), ck, 2, "direct");
             expect(calls).toHaveLength(1);
             expect(calls[0]).toEqual({ method: "update_weights_from_ipc", args: [up.session.endpoints], timeout: UPDATE_MS / 1000 });
             expect(Object.keys(calls[0]!.args[0]!).sort()).toEqual(up.session.devices.map((d) => d.uuid).sort());
@@ -628,7 +629,7 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
 
             // After the failure the session listens on new endpoints; the engine's workers connect there.
             refuse = false;
-            expectSummary(await update(up.session, reg), ck, 2, "broadcast");
+            expectSummary(await update(up.session, reg), ck, 2, "direct");
             expect(calls).toHaveLength(3);
             expect(calls[2]!.args[0]).toEqual(up.session.endpoints);
             expect(calls[2]!.args[0]).not.toEqual(calls[0]!.args[0]);
@@ -651,7 +652,7 @@ describe("a session", () => {
       await registered(up, ck, async (reg) => {
         const first = update(up.session, reg);
         await expectCeError(() => up.session.update({ reg, timeoutMs: UPDATE_MS }), "E_BUSY", "already running");
-        expectSummary(await first, ck, 2, "broadcast");
+        expectSummary(await first, ck, 2, "direct");
         await up.session.close();
         await expectCeError(() => up.session.update({ reg, timeoutMs: UPDATE_MS }), "E_SESSION_CLOSED", "closed");
         expect(up.ctx.stats()).toMatchObject({ bufs: 0 });
@@ -680,7 +681,7 @@ describe("a session", () => {
             const start = measure();
             for (let i = 0; i < 200; i++) {
               const s = await update(up.session, reg, opts);
-              if (i === 199) expectSummary(s, tiny, 2, "broadcast");
+              if (i === 199) expectSummary(s, tiny, 2, "direct");
             }
             const end = measure();
             expect(end.fds).toBeLessThanOrEqual(start.fds + 2);
@@ -688,7 +689,7 @@ describe("a session", () => {
             expect(end.rss).toBeLessThan(start.rss + 48 * 1024 ** 2);
             // A leak of one update's state would be hundreds of objects per update.
             expect(end.objects).toBeLessThan(start.objects + 200 * 10);
-            expect(up.ctx.stats()).toMatchObject({ bufs: 4, ops: 0, regions: 1 });
+            expect(up.ctx.stats()).toMatchObject({ bufs: 2, ops: 0, regions: 1 });
           });
         });
       } finally {
@@ -702,18 +703,14 @@ describe("a session", () => {
 const py = findPython();
 
 describe.skipIf(!py.ok)(`an update into Python workers (${py.ok ? `${py.python}: ${py.reason}` : `skipped: ${py.reason}`})`, () => {
-  beforeAll(() => {
-    // WorkersEngine runs config.CE_PYTHON; point it at the interpreter the probe accepted.
-    config.CE_PYTHON = py.python;
-  });
-
   test.each([
     [1, "direct"],
+    [3, "direct"],
     [3, "broadcast"],
   ] as const)(
     "into %d Python worker(s) (%s path) is byte-exact",
     async (n, mode) => {
-      await withUpdater(await cpuUpdater(n, { worker: "python" }), async (up) => {
+      await withUpdater(await cpuUpdater(n, { worker: "python", python: py.python, forceBroadcast: mode === "broadcast" }), async (up) => {
         await registered(up, ck, async (reg) => {
           expectSummary(await update(up.session, reg), ck, n, mode);
           const s = await update(up.session, reg, { bucketBytes: ck.ckpt.largestTensor.nbytes, slots: 2 });
@@ -728,7 +725,7 @@ describe.skipIf(!py.ok)(`an update into Python workers (${py.ok ? `${py.python}:
   test(
     "a Python worker killed mid-update fails it, and the next update succeeds",
     async () => {
-      await withUpdater(await cpuUpdater(2, { worker: "python" }), async (up) => {
+      await withUpdater(await cpuUpdater(2, { worker: "python", python: py.python }), async (up) => {
         const workers = up.engine as WorkersEngine;
         await registered(up, ck, async (reg) => {
           const victim = workers.pid(0)!;
@@ -746,7 +743,7 @@ describe.skipIf(!py.ok)(`an update into Python workers (${py.ok ? `${py.python}:
           });
           await expectCeError(() => within(UPDATE_MS, "update", run), "E_WORKER_DIED", up.session.devices[0]!.uuid);
           expect(shmBuffersOf()).toEqual([]);
-          expectSummary(await update(up.session, reg), ck, 2, "broadcast");
+          expectSummary(await update(up.session, reg), ck, 2, "direct");
         });
       });
     },

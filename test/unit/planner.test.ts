@@ -1,14 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { CeError } from "../../src/base/errors";
-import {
-  ALIGN_BYTES,
-  autoSize,
-  type AutoSizeInput,
-  type Plan,
-  planBuckets,
-  spreadOverRanks,
-  type TensorRef,
-} from "../../src/core/planner";
+import { ALIGN_BYTES, type Plan, planBuckets, spreadOverRanks, type TensorRef } from "../../src/core/planner";
+import { type AutoSizeInput, autoSize, fewerBuffers, planUpdate } from "../../src/core/sizing";
 import { encodeHeader, tensorBytes } from "../../src/checkpoint/safetensors";
 import { loadShapes } from "../../src/checkpoint/synth-writer";
 import { expectCeError, rng } from "../helpers/ckpt";
@@ -526,5 +519,48 @@ describe("autoSize", () => {
         expect(got.slots * got.bucketBytes).toBeLessThanOrEqual(Math.max(total + 3 * ALIGN_BYTES, 3 * largestAligned));
       }
     });
+  });
+});
+
+describe("planUpdate and fewerBuffers: the one place sizes are decided", () => {
+  const tensors = (sizes: number[]): TensorRef[] => fileOf(0, sizes);
+
+  test("the CPU backend sizes its buffers for what it moves: 64 MiB buckets, two slots, no staging when direct", () => {
+    const u = planUpdate({ backend: "cpu", tensors: tensors(Array(40).fill(8 * MiB)), ndev: 2, broadcast: false, freeBytes: 20 * GiB });
+    expect(u.plan.bucketBytes).toBe(64 * MiB);
+    expect(u.slots).toBe(2);
+    expect(u.staging).toBe(0);
+    expect(u.plan.owners).toBe(1);
+  });
+
+  test("a bucket never goes below the largest tensor, on any backend", () => {
+    const u = planUpdate({ backend: "cpu", tensors: tensors([300 * MiB, MiB]), ndev: 2, broadcast: false, freeBytes: 20 * GiB });
+    expect(u.plan.bucketBytes).toBe(300 * MiB);
+  });
+
+  test("CUDA keeps 1 GiB buckets, three slots, and two staging buffers per GPU on the broadcast path", () => {
+    const u = planUpdate({ backend: "cuda", tensors: tensors(Array(64).fill(128 * MiB)), ndev: 2, broadcast: true, freeBytes: 60 * GiB });
+    expect(u.plan.bucketBytes).toBe(GiB);
+    expect(u.slots).toBe(3);
+    expect(u.staging).toBe(2);
+    expect(u.plan.owners).toBe(2);
+  });
+
+  test("slots and staging never outnumber the buckets", () => {
+    const u = planUpdate({ backend: "cuda", tensors: tensors([MiB]), ndev: 2, broadcast: true, freeBytes: 60 * GiB });
+    expect(u.plan.buckets).toHaveLength(1);
+    expect(u.slots).toBe(1);
+    expect(u.staging).toBe(1);
+  });
+
+  test("fewerBuffers gives up staging first, then slots, and stops at one slot and one staging buffer", () => {
+    const steps: [number, number][] = [];
+    let b: { slots: number; staging: number } | undefined = { slots: 3, staging: 2 };
+    while (b) {
+      steps.push([b.slots, b.staging]);
+      b = fewerBuffers(b, "CUDA_ERROR_OUT_OF_MEMORY");
+    }
+    expect(steps).toEqual([[3, 2], [3, 1], [2, 1], [1, 1]]);
+    expect(fewerBuffers({ slots: 2, staging: 0 }, "x")?.fallback).toContain("retrying with 1 slot and 0 staging");
   });
 });

@@ -1,4 +1,6 @@
 import { describe, expect, test } from "bun:test";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import { CeError } from "../../src/base/errors";
 import {
   IPC_HANDLE_BYTES,
@@ -166,22 +168,20 @@ describe("replies", () => {
   });
 });
 
-describe("worker state machine", () => {
-  const states: WorkerState[] = ["idle", "open", "released", "finished"];
-  const ops: OpName[] = ["open", "load", "release", "finish", "abort"];
-  // [state, op] → next state; every pair not listed is refused.
-  const allowed: Record<string, WorkerState> = {
-    "idle open": "open",
-    "finished open": "open",
-    "open load": "open",
-    "open release": "released",
-    "released finish": "finished",
-    "idle abort": "idle",
-    "open abort": "idle",
-    "released abort": "idle",
-    "finished abort": "idle",
-  };
-  const table = states.flatMap((s) => ops.map((op) => [s, op, allowed[`${s} ${op}`] ?? "refused"] as [WorkerState, OpName, WorkerState | "refused"]));
+// The protocol's one definition: this end and python/tests/test_protocol.py both follow it.
+const definition = JSON.parse(readFileSync(join(import.meta.dir, "../../src/wire/worker-protocol.json"), "utf8")) as {
+  states: WorkerState[];
+  transitions: Record<WorkerState, Partial<Record<OpName, WorkerState>>>;
+  frames: { case: string; valid: boolean; op?: string; frames: ({ json: unknown } | { text: string } | { bytes: number })[] }[];
+};
+const OPS: OpName[] = ["open", "load", "release", "finish", "abort"];
+
+function framesOf(spec: (typeof definition.frames)[number]["frames"]): Uint8Array[] {
+  return spec.map((f) => ("json" in f ? frame(f.json) : "text" in f ? enc.encode(f.text) : new Uint8Array(f.bytes).fill(7)));
+}
+
+describe("worker state machine, as worker-protocol.json defines it", () => {
+  const table = definition.states.flatMap((s) => OPS.map((op) => [s, op, definition.transitions[s][op] ?? "refused"] as [WorkerState, OpName, WorkerState | "refused"]));
 
   test.each(table)("in state %s, op %s → %s", (state, op, next) => {
     if (next !== "refused") expect(transition(state, op)).toBe(next);
@@ -201,8 +201,15 @@ describe("worker state machine", () => {
     expect(transition(s, "open")).toBe("open");
   });
 
-  test("a refusal names the states where the op is allowed", () => {
-    expectProtocolError(() => transition("open", "finish"), "E_PROTOCOL_STATE", "allowed in: released");
-    expectProtocolError(() => transition("open", "open"), "E_PROTOCOL_STATE", "allowed in: idle, finished");
+  test("a refusal names the ops the state expects", () => {
+    expectProtocolError(() => transition("open", "finish"), "E_PROTOCOL_STATE", "expected load or release or abort");
+  });
+});
+
+describe("frame cases of worker-protocol.json", () => {
+  test.each(definition.frames.map((c) => [c.case, c] as const))("%s", (_name, c) => {
+    const frames = framesOf(c.frames);
+    if (c.valid) expect(parseRequest(frames).req.op).toBe(c.op as OpName);
+    else expectProtocolError(() => parseRequest(frames), "E_PROTOCOL", "");
   });
 });
