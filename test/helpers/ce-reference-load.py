@@ -1,7 +1,9 @@
 """Loads pickles that ce wrote and describes the objects they give, as JSON, for ce's tests.
 
 stdin: a JSON list of base64 strings, one pickle each. stdout: a JSON list, for each pickle
-{"value": description, "opcodes": [names in order]}, or {"error": "..."} for one that did not load
+{"value": description, "opcodes": [names in order]}, plus, for an IPC handle tuple
+`(rebuild_cuda_tensor, args)`, "rebuild_args": args bound by name to this torch's real
+rebuild_cuda_tensor signature, or {"error": "..."} for one that did not load
 or that pickletools finds malformed (a stack or mark out of place, bytes after STOP). The unpickler resolves only the globals the
 checkpoint-engine dialect may name; torch's rebuild_cuda_tensor is replaced by a stand-in that
 nobody calls, since this machine may have no GPU. Everything else loads as the real object:
@@ -9,6 +11,7 @@ torch.Size, torch.dtype, exceptions.
 """
 
 import base64
+import inspect
 import io
 import json
 import pickle
@@ -84,7 +87,13 @@ def main():
             if stream.read():
                 raise ValueError("bytes after STOP")
             opcodes = [op.name for op, _, _ in pickletools.genops(data)]
-            out.append({"value": describe(value), "opcodes": opcodes})
+            entry = {"value": describe(value), "opcodes": opcodes}
+            if isinstance(value, tuple) and len(value) == 2 and value[0] is stand_in_rebuild:
+                from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+                bound = inspect.signature(rebuild_cuda_tensor).bind(*value[1])
+                entry["rebuild_args"] = {k: describe(v) for k, v in bound.arguments.items()}
+            out.append(entry)
         except Exception as e:  # noqa: BLE001 - reported to the test
             out.append({"error": f"{type(e).__name__}: {e}"})
     json.dump(out, sys.stdout)

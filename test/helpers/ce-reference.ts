@@ -39,6 +39,8 @@ export function torchPython(): TorchPython {
 }
 
 export const HELPERS_DIR = import.meta.dir;
+/** Importing torch takes seconds on a busy machine. */
+export const PYTHON_DEADLINE_MS = 60_000;
 
 /** What ce-reference-load.py says one Python object is. */
 export type Described =
@@ -58,6 +60,8 @@ export type Described =
 export interface Loaded {
   value?: Described;
   opcodes?: string[];
+  /** an IPC handle tuple's arguments by the names of this torch's rebuild_cuda_tensor */
+  rebuild_args?: Record<string, Described>;
   error?: string;
 }
 
@@ -68,7 +72,7 @@ export function loadInPython(python: string, pickles: Uint8Array[]): Loaded[] {
     stdin: Buffer.from(input),
     stdout: "pipe",
     stderr: "pipe",
-    timeout: 60_000,
+    timeout: PYTHON_DEADLINE_MS,
   });
   if (r.exitCode !== 0) throw new Error(`ce-reference-load.py exited with ${r.exitCode ?? r.signalCode}: ${r.stderr.toString()}`);
   return JSON.parse(r.stdout.toString()) as Loaded[];
