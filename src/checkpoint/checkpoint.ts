@@ -3,7 +3,6 @@
 import { readdir, readFile, stat } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import { InputError } from "../base/errors";
-import type { TensorRef } from "../core/planner";
 import { readHeader, type SafetensorsFile, type TensorMeta } from "./safetensors";
 
 export const INDEX_FILE = "model.safetensors.index.json";
@@ -203,18 +202,6 @@ export async function assertUnchanged(ckpt: Checkpoint): Promise<void> {
   }
 }
 
-/** The tensors as the planner sees them: region = index into ckpt.files, offset = absolute file offset. */
-export function tensorRefs(ckpt: Checkpoint): TensorRef[] {
-  const region = new Map(ckpt.files.map((f, i) => [f.path, i]));
-  return ckpt.tensors.map((t) => ({
-    name: t.name,
-    dtype: t.dtype,
-    shape: t.shape,
-    nbytes: t.nbytes,
-    region: region.get(t.file)!,
-    offset: t.fileOffset,
-  }));
-}
 
 export interface CheckpointSummary {
   root: string;

@@ -5,7 +5,7 @@ import { config } from "../base/config";
 import { InputError } from "../base/errors";
 import { freeBytesIn } from "../base/fsinfo";
 import { cudaDeviceCount, cudaDeviceInfo, cudaLoad } from "../native/ce";
-import type { Backend } from "./backend";
+import type { Backend } from "../base/backend";
 
 export interface Device {
   /** index in the context (0..n-1) */

@@ -11,6 +11,7 @@
 //   - owners are interleaved in proportion to their bucket counts (equal counts: strict rotation),
 //     so every owner's H2D link stays busy and the tail is not left to one owner.
 import { InputError } from "../base/errors";
+import type { Checkpoint } from "../checkpoint/checkpoint";
 import { formatBytes } from "../base/units";
 
 /** Tensors keep 256-byte alignment inside buckets (DESIGN.md): what cudaMalloc guarantees, so
@@ -211,4 +212,17 @@ function interleave<T>(byOwner: T[][]): T[] {
   );
   keyed.sort((a, b) => a.key - b.key || a.owner - b.owner);
   return keyed.map((e) => e.item);
+}
+
+/** The tensors as the planner sees them: region = index into ckpt.files, offset = absolute file offset. */
+export function tensorRefs(ckpt: Checkpoint): TensorRef[] {
+  const region = new Map(ckpt.files.map((f, i) => [f.path, i]));
+  return ckpt.tensors.map((t) => ({
+    name: t.name,
+    dtype: t.dtype,
+    shape: t.shape,
+    nbytes: t.nbytes,
+    region: region.get(t.file)!,
+    offset: t.fileOffset,
+  }));
 }

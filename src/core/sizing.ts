@@ -2,7 +2,7 @@
 // that decides sizes, from free memory, the checkpoint and what the user asked for. Pure.
 import { InputError } from "../base/errors";
 import { formatBytes } from "../base/units";
-import type { Backend } from "./backend";
+import type { Backend } from "../base/backend";
 import { ALIGN_BYTES, type Plan, type TensorRef, alignDown, alignUp, checkAlign, isCount, planBuckets, spreadOverRanks } from "./planner";
 
 export const DEFAULT_BUCKET_BYTES = 1024 ** 3;

@@ -5,7 +5,7 @@
 // what happens when.
 import { CeError, TimeoutError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
-import { assertUnchanged, tensorRefs } from "../checkpoint/checkpoint";
+import { assertUnchanged } from "../checkpoint/checkpoint";
 import type { Registration } from "../checkpoint/registry";
 import type { Engine } from "../engines/types";
 import { type Ctx, cudaMemInfo } from "../native/ce";
@@ -16,6 +16,7 @@ import { WorkerChannel } from "./channel";
 import { Communicators } from "./comm";
 import type { Device } from "./devices";
 import { PendingOps, type Progress, runPipeline } from "./pipeline";
+import { tensorRefs } from "./planner";
 import { type PhaseMarks, type UpdateSummary, buildSummary } from "./report";
 import { type UpdatePlan, planUpdate } from "./sizing";
 

@@ -6,7 +6,7 @@ import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import { WorkerError } from "../base/errors";
 import { logger } from "../base/log";
-import type { Backend } from "../core/backend";
+import type { Backend } from "../base/backend";
 import type { Engine } from "./types";
 
 const log = logger("workers");

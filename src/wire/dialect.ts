@@ -3,7 +3,7 @@
 // frames of each step and for the meaning of each reply. ce's own JSON protocol is one dialect
 // (wire/protocol.ts); the reference system's pickled protocol is another, for engines that already run
 // its worker loop.
-import type { Backend } from "../native/ce";
+import type { Backend } from "../base/backend";
 
 export type Step = "open" | "load" | "release" | "finish" | "abort";
 

@@ -1,7 +1,8 @@
 import { afterEach, beforeEach, describe, expect, test } from "bun:test";
 import { appendFile, mkdir, readFile, utimes } from "node:fs/promises";
 import { join } from "node:path";
-import { assertUnchanged, INDEX_FILE, openCheckpoint, summarize, tensorRefs } from "../../src/checkpoint/checkpoint";
+import { assertUnchanged, INDEX_FILE, openCheckpoint, summarize } from "../../src/checkpoint/checkpoint";
+import { tensorRefs } from "../../src/core/planner";
 import { formatSummary } from "../../src/commands/inspect";
 import { expectCeError, type TempDir, tempDir, writeIndex, writeRaw, writeSafetensors } from "../helpers/ckpt";
 
