@@ -367,25 +367,3 @@ function noop(): void {}
 function closedError(what: string): AbortedError {
   return new AbortedError(`${what}: socket closed`);
 }
-
-// ---------------------------------------------------------------------------------------------
-// JSON frames (the worker protocol's requests and replies)
-
-/** A value as one UTF-8 JSON frame. */
-export function jsonFrame(value: unknown): Uint8Array {
-  return utf8.encode(JSON.stringify(value));
-}
-
-const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
-
-/** Parses a JSON frame; throws CeError E_ZMQ_FRAME naming `what` and showing the frame's start. */
-export function parseJsonFrame(bytes: Uint8Array, what = "frame"): unknown {
-  try {
-    return JSON.parse(strictUtf8.decode(bytes));
-  } catch (err) {
-    const preview = new TextDecoder().decode(bytes.subarray(0, 80));
-    throw new CeError("E_ZMQ_FRAME", `${what} is not UTF-8 JSON (${bytes.byteLength} bytes: ${JSON.stringify(preview)}${bytes.byteLength > 80 ? "…" : ""})`, {
-      cause: err,
-    });
-  }
-}

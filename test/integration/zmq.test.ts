@@ -4,7 +4,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { AbortedError, CeError, NativeError, TimeoutError } from "../../src/base/errors";
 import { zmqLibrary } from "../../src/native/zmq";
-import { defaultContext, jsonFrame, parseJsonFrame, ZmqContext, type ZmqSocket } from "../../src/transport/zmq";
+import { defaultContext, ZmqContext, type ZmqSocket } from "../../src/transport/zmq";
+
+const jsonFrame = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
+const parseJsonFrame = (bytes: Uint8Array, _what?: string) => JSON.parse(new TextDecoder().decode(bytes)) as unknown;
 
 const ROOT = join(import.meta.dir, "../..");
 const ECHO = join(ROOT, "test/helpers/zmq-echo.ts");
