@@ -7,7 +7,7 @@ import { zmqLibrary } from "../../src/native/zmq";
 import { defaultContext, ZmqContext, type ZmqSocket } from "../../src/transport/zmq";
 
 const jsonFrame = (value: unknown) => new TextEncoder().encode(JSON.stringify(value));
-const parseJsonFrame = (bytes: Uint8Array, _what?: string) => JSON.parse(new TextDecoder().decode(bytes)) as unknown;
+const parseJsonFrame = (bytes: Uint8Array) => JSON.parse(new TextDecoder().decode(bytes)) as unknown;
 
 const ROOT = join(import.meta.dir, "../..");
 const ECHO = join(ROOT, "test/helpers/zmq-echo.ts");
@@ -91,7 +91,7 @@ describe("ZeroMQ sockets", () => {
     expect(frames[1]).toEqual(handle);
     expect(frames[2]!.byteLength).toBe(0);
     await rep.send([jsonFrame({ ok: true })], { timeoutMs: 5000 });
-    expect(parseJsonFrame((await req.recv({ timeoutMs: 5000 }))[0]!, "reply to open")).toEqual({ ok: true });
+    expect(parseJsonFrame((await req.recv({ timeoutMs: 5000 }))[0]!)).toEqual({ ok: true });
   });
 
   test("a 64 MiB frame arrives intact", async () => {
@@ -307,12 +307,6 @@ describe("ZeroMQ sockets", () => {
     await expect(req.send([])).rejects.toThrow("a message needs at least one frame");
   });
 
-  test("parseJsonFrame names a frame that is not JSON", () => {
-    expect(() => parseJsonFrame(new TextEncoder().encode("not json"), "reply from GPU 3")).toThrow(
-      'reply from GPU 3 is not UTF-8 JSON (8 bytes: "not json")',
-    );
-    expect(() => parseJsonFrame(new Uint8Array([0xff, 0xfe]))).toThrow("frame is not UTF-8 JSON");
-  });
 });
 
 describe("where libzmq comes from", () => {
