@@ -4,7 +4,10 @@ import { defineCommand } from "citty";
 import { config } from "../base/config";
 import { UsageError } from "../base/errors";
 import { log, writeJson } from "../base/log";
-import { Daemon, route } from "../serve/daemon";
+import { chmodSync, rmSync } from "node:fs";
+import { resolve } from "node:path";
+import { Daemon } from "../serve/daemon";
+import { MAX_BODY_BYTES, route } from "../serve/routes";
 import { openUpdater } from "../app/updater";
 import { deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 
@@ -12,11 +15,13 @@ export default defineCommand({
   meta: {
     name: "serve",
     description:
-      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME",
+      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME, GET /v1/healthz, GET /metrics",
   },
   args: {
     port: { type: "string", description: "HTTP port for the control API (0: any free port, printed at start)", default: "8711", valueHint: "PORT" },
     host: { type: "string", description: "address to listen on (loopback by default: the API has no authentication)", default: "127.0.0.1", valueHint: "ADDR" },
+    socket: { type: "string", description: "listen on this Unix socket instead (mode 0600: only this user can call it)", valueHint: "PATH" },
+    root: { type: "string", description: "directories whose files may be registered, comma-separated", default: "/dev/shm", valueHint: "DIR[,DIR]" },
     timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
     ...engineArgs,
     ...deviceArgs,
@@ -27,16 +32,33 @@ export default defineCommand({
     const port = Number(args.port);
     if (!Number.isSafeInteger(port) || port < 0 || port > 65535) throw new UsageError(`--port "${args.port}" is not a port number`);
     const { bucketBytes, slots, timeoutMs } = planOptions(args);
-    const up = await openUpdater(updaterOptions(args));
-    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs });
+    const roots = args.root.split(",").map((r) => resolve(r.trim())).filter(Boolean);
+    const options = updaterOptions(args);
+    const up = await openUpdater(options);
+    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots });
+    const fetch = (req: Request) => route(daemon, req);
     let server: ReturnType<typeof Bun.serve>;
+    let url: string;
     try {
-      server = Bun.serve({ hostname: args.host, port, fetch: (req) => route(daemon, req) });
+      if (args.socket) {
+        const path = resolve(args.socket);
+        // Created 0600 from the start (umask), not chmod-ed after: no moment where others may connect.
+        const mask = process.umask(0o177);
+        try {
+          server = Bun.serve({ unix: path, fetch, maxRequestBodySize: MAX_BODY_BYTES });
+        } finally {
+          process.umask(mask);
+        }
+        chmodSync(path, 0o600);
+        url = `unix:${path}`;
+      } else {
+        server = Bun.serve({ hostname: args.host, port, fetch, maxRequestBodySize: MAX_BODY_BYTES });
+        url = `http://${args.host}:${server.port}`;
+      }
     } catch (err) {
       await daemon.close();
-      throw new UsageError(`cannot listen on ${args.host}:${port}: ${(err as Error).message}`);
+      throw new UsageError(`cannot listen on ${args.socket ?? `${args.host}:${port}`}: ${(err as Error).message}`);
     }
-    const url = `http://${args.host}:${server.port}`;
     if (args.json) writeJson({ ok: true, listening: url });
     else log.info(`ce serve listening on ${url} (${up.engine.description})`);
 
@@ -47,6 +69,7 @@ export default defineCommand({
     });
     log.info("stopping: releasing checkpoints, buffers and workers");
     await server.stop(true);
+    if (args.socket) rmSync(resolve(args.socket), { force: true });
     await daemon.close();
   },
 });

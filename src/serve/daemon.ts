@@ -1,11 +1,14 @@
-// ce serve's HTTP API over a warm update session: checkpoints stay registered (pinned) between
-// updates, and the context, sockets, slot buffers and workers stay up, so an update costs what the
-// data path costs. One update at a time.
+// ce serve's state over a warm update session: checkpoints stay registered (pinned) between updates,
+// and the context, sockets, slot buffers and workers stay up, so an update costs what the data path
+// costs. One update at a time. routes.ts maps HTTP onto it.
 import { openCheckpoint } from "../checkpoint/checkpoint";
-import { CeError, InputError, errorMessage } from "../base/errors";
+import { CeError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
 import { type Registration, register, unregister } from "../checkpoint/registry";
 import type { Updater } from "../app/updater";
+import { RegisterBody, UpdateBody, parseBody } from "./bodies";
+import { Metrics } from "./metrics";
+import { checkUnderRoots } from "./roots";
 import type { UpdateSummary } from "../core/update";
 
 const log = logger("serve");
@@ -14,6 +17,8 @@ export interface ServeOptions {
   bucketBytes?: number;
   slots?: number;
   timeoutMs: number;
+  /** Directories whose files may be registered. */
+  roots: string[];
 }
 
 interface Progress {
@@ -38,16 +43,18 @@ export class Daemon {
     private readonly opts: ServeOptions,
   ) {}
 
+  readonly metrics = new Metrics();
+
   async register(body: unknown): Promise<object> {
-    const { name, path, version } = fields(body, { name: "string", path: "string", version: "number?" });
+    const { name, path, version } = parseBody(RegisterBody, body);
     if (this.#regs.has(name)) {
       throw new CeError("E_CHECKPOINT_EXISTS", `checkpoint "${name}" is registered already`, { hint: `DELETE /v1/checkpoints/${name} first` });
     }
     if (this.#registering.has(name)) {
       throw new CeError("E_CHECKPOINT_EXISTS", `checkpoint "${name}" is being registered by an earlier request`, { hint: "wait for it: GET /v1/checkpoints" });
     }
-    const v = version ?? 1;
-    if (!Number.isSafeInteger(v) || v < 0) throw new InputError("E_BAD_REQUEST", `version ${v} is not a whole number`);
+    checkUnderRoots(path, this.opts.roots);
+    const v = version;
     // Reserved before the first await: two requests racing for one name would otherwise both pin,
     // and the loser's region would stay pinned with no entry to release it.
     this.#registering.add(name);
@@ -74,7 +81,7 @@ export class Daemon {
   }
 
   async update(body: unknown): Promise<Summary> {
-    const { checkpoint } = fields(body, { checkpoint: "string" });
+    const { checkpoint } = parseBody(UpdateBody, body);
     const reg = this.#get(checkpoint);
     if (this.#running) throw busy(this.#running.checkpoint);
     const running: { checkpoint: string; startedMs: number; progress?: Progress } = { checkpoint, startedMs: performance.now() };
@@ -90,11 +97,28 @@ export class Daemon {
         },
       });
       this.#last = summary;
+      this.metrics.updated(summary);
       log.info(`updated ${checkpoint}@${reg.version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s`);
       return summary;
+    } catch (err) {
+      this.metrics.failed(err instanceof CeError ? err.code : "E_INTERNAL");
+      throw err;
     } finally {
       this.#running = undefined;
     }
+  }
+
+  /** Prometheus text: the counters, and the state as it is now. */
+  async metricsText(): Promise<string> {
+    const stats = this.up.ctx.stats();
+    this.metrics.state({
+      registeredBytes: stats.regionBytes,
+      pinnedBytes: stats.pinnedBytes,
+      deviceBytes: this.up.session.heldBytes(),
+      versions: new Map([...this.#regs.values()].map((r) => [r.name, r.version])),
+      hostsUp: 1,
+    });
+    return this.metrics.text();
   }
 
   status(): object {
@@ -141,64 +165,4 @@ function describe(reg: Registration): object {
 
 function busy(checkpoint: string): CeError {
   return new CeError("E_BUSY", `an update of "${checkpoint}" is running`, { hint: "one update at a time: retry when GET /v1/status says busy: false" });
-}
-
-type FieldKind = "string" | "number" | "number?";
-
-function fields<T extends Record<string, FieldKind>>(
-  body: unknown,
-  spec: T,
-): { [K in keyof T]: T[K] extends "string" ? string : T[K] extends "number" ? number : number | undefined } {
-  if (typeof body !== "object" || body === null || Array.isArray(body)) throw new InputError("E_BAD_REQUEST", "the body must be a JSON object");
-  const o = body as Record<string, unknown>;
-  for (const [key, kind] of Object.entries(spec)) {
-    const v = o[key];
-    if (kind === "number?" && v === undefined) continue;
-    if (typeof v !== (kind === "string" ? "string" : "number")) {
-      throw new InputError("E_BAD_REQUEST", `field "${key}" must be a ${kind.replace("?", "")}`);
-    }
-  }
-  return o as never;
-}
-
-/** HTTP status of an error, as STYLE.md maps them. */
-export function httpStatus(err: unknown): number {
-  if (!(err instanceof CeError)) return 500;
-  if (err.code === "E_UNKNOWN_CHECKPOINT") return 404;
-  if (err.code === "E_BUSY" || err.code === "E_CHECKPOINT_EXISTS") return 409;
-  if (err instanceof InputError) return 400;
-  return 500;
-}
-
-function json(status: number, body: object): Response {
-  return new Response(`${JSON.stringify(body)}\n`, { status, headers: { "content-type": "application/json" } });
-}
-
-async function readBody(req: Request): Promise<unknown> {
-  const text = await req.text();
-  try {
-    return text ? JSON.parse(text) : {};
-  } catch {
-    throw new InputError("E_BAD_REQUEST", "the body is not JSON");
-  }
-}
-
-/** Routes one request; every error becomes {"ok":false,"error":{code,message,hint}} with its status. */
-export async function route(daemon: Daemon, req: Request): Promise<Response> {
-  const url = new URL(req.url);
-  const path = url.pathname.replace(/\/+$/, "");
-  try {
-    if (req.method === "GET" && path === "/v1/status") return json(200, { ok: true, ...daemon.status() });
-    if (req.method === "GET" && path === "/v1/checkpoints") return json(200, { ok: true, ...daemon.list() });
-    if (req.method === "POST" && path === "/v1/checkpoints") return json(201, { ok: true, ...(await daemon.register(await readBody(req))) });
-    const m = /^\/v1\/checkpoints\/([^/]+)$/.exec(path);
-    if (req.method === "DELETE" && m) return json(200, { ok: true, ...(await daemon.unregister(decodeURIComponent(m[1]!))) });
-    if (req.method === "POST" && path === "/v1/update") return json(200, { ok: true, ...(await daemon.update(await readBody(req))) });
-    return json(404, { ok: false, error: { code: "E_NOT_FOUND", message: `${req.method} ${path}: no such route` } });
-  } catch (err) {
-    const status = httpStatus(err);
-    const e = err instanceof CeError ? err : new CeError("E_INTERNAL", errorMessage(err));
-    if (status === 500) log.error(`${req.method} ${path}: ${e.message}`);
-    return json(status, { ok: false, error: e.toJSON() });
-  }
 }

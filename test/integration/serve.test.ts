@@ -2,6 +2,10 @@
 // processes on the CPU backend, its error statuses, and a clean stop.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Subprocess } from "bun";
+import { mkdtempSync, rmSync, statSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { CLI, type TestCheckpoint, processGone, shmBuffersOf, smallCheckpoint, within } from "../helpers/update";
 
 interface Served {
@@ -9,8 +13,8 @@ interface Served {
   url: string;
 }
 
-async function startServe(): Promise<Served> {
-  const proc = Bun.spawn([process.execPath, CLI, "serve", "--port", "0", "--device", "cpu", "--devices", "2", "--json"], {
+async function startServe(extra: string[] = ["--port", "0"]): Promise<Served> {
+  const proc = Bun.spawn([process.execPath, CLI, "serve", ...extra, "--device", "cpu", "--devices", "2", "--root", `${tmpdir()},/dev/shm`, "--json"], {
     stdin: "ignore",
     stdout: "pipe",
     stderr: "pipe",
@@ -86,6 +90,43 @@ describe("ce serve", () => {
   );
 
   test(
+    "healthz answers, and /metrics is Prometheus text that a parser reads, with the updates counted",
+    async () => {
+      expect((await call(served.url, "GET", "/v1/healthz")).json).toEqual({ ok: true });
+      const res = await fetch(`${served.url}/metrics`);
+      expect(res.headers.get("content-type")).toContain("text/plain");
+      const families = parsePrometheusTextFormat(await res.text());
+      const byName = new Map(families.map((f) => [f.name, f]));
+      expect(byName.get("ce_updates_total")?.type).toBe("COUNTER");
+      expect(Number(byName.get("ce_updates_total")!.metrics[0]!.value)).toBeGreaterThanOrEqual(3);
+      expect(Number(byName.get("ce_update_bytes_total")!.metrics[0]!.value)).toBeGreaterThanOrEqual(3 * tc.bytes);
+      expect(byName.get("ce_update_seconds")?.type).toBe("HISTOGRAM");
+      expect(byName.get("ce_checkpoint_version")!.metrics).toContainEqual(expect.objectContaining({ labels: { checkpoint: "policy" }, value: "7" }));
+      expect(Number(byName.get("ce_registered_bytes")!.metrics[0]!.value)).toBeGreaterThanOrEqual(tc.bytes);
+      expect(byName.get("ce_update_phase_seconds")!.metrics.map((m) => m.labels?.phase).sort()).toEqual(["buffers", "close", "data", "open", "plan"]);
+      expect(Number(byName.get("ce_hosts_up")!.metrics[0]!.value)).toBe(1);
+    },
+    60_000,
+  );
+
+  test(
+    "bodies are validated naming the field, paths outside the roots are refused, and a huge body is refused unread",
+    async () => {
+      const bad = await call(served.url, "POST", "/v1/checkpoints", { name: "x/y", path: tc.dir.path, version: -1 });
+      expect(bad.status).toBe(400);
+      const msg = String((bad.json.error as { message: string }).message);
+      expect(msg).toContain('field "name"');
+      expect(msg).toContain('field "version"');
+      const outside = await call(served.url, "POST", "/v1/checkpoints", { name: "etc", path: "/etc" });
+      expect(outside.status).toBe(403);
+      expect(outside.json).toMatchObject({ ok: false, error: { code: "E_PATH_OUTSIDE_ROOTS" } });
+      const big = await call(served.url, "POST", "/v1/update", JSON.stringify({ checkpoint: "policy", pad: "x".repeat(200_000) }));
+      expect(big.status).toBe(413);
+    },
+    60_000,
+  );
+
+  test(
     "two registrations racing for one name: one wins, the other is refused before pinning, and nothing stays pinned after delete",
     async () => {
       const before = (await call(served.url, "GET", "/v1/status")).json.hostBytes as number;
@@ -115,3 +156,23 @@ describe("ce serve", () => {
     60_000,
   );
 });
+
+test(
+  "ce serve --socket listens on a Unix socket only its user may open (mode 0600)",
+  async () => {
+    const dir = mkdtempSync(join(tmpdir(), "ce-sock-"));
+    const socket = join(dir, "ce.sock");
+    const served = await startServe(["--socket", socket]);
+    try {
+      expect(served.url).toBe(`unix:${socket}`);
+      expect(statSync(socket).mode & 0o777).toBe(0o600);
+      const res = await within(10_000, "healthz over the socket", fetch("http://localhost/v1/healthz", { unix: socket }));
+      expect(await res.json()).toEqual({ ok: true });
+    } finally {
+      served.proc.kill("SIGTERM");
+      await within(30_000, "ce serve to stop", served.proc.exited);
+      rmSync(dir, { recursive: true, force: true });
+    }
+  },
+  60_000,
+);
