@@ -47,6 +47,7 @@ const char *ce_status_name(int status) {
   case CE_E_P2P: return "CE_E_P2P";
   case CE_E_STATE: return "CE_E_STATE";
   case CE_E_IO: return "CE_E_IO";
+  case CE_E_PEER: return "CE_E_PEER";
   default: return "CE_UNKNOWN";
   }
 }
@@ -107,6 +108,7 @@ int ce_ctx_create(int backend, const int32_t *devices, int ndev, ce_ctx_t **ctx_
   ctx->backend = backend;
   ctx->ndev = ndev;
   pthread_mutex_init(&ctx->mu, NULL);
+  ce_comm_setup(ctx);
   for (int d = 0; d < ndev; d++) {
     ctx->dev[d].ordinal = devices ? devices[d] : d;
     if (backend == CE_BACKEND_CUDA) {
@@ -133,8 +135,9 @@ int ce_ctx_create(int backend, const int32_t *devices, int ndev, ce_ctx_t **ctx_
 
 void ce_ctx_destroy(ce_ctx_t *ctx) {
   if (!ctx) return;
+  /* Communicators first: a broadcast stuck on a dead peer ends only when they are aborted. */
+  ce_comm_shutdown(ctx);
   ce_ops_drain(ctx);
-  ce_nccl_free(ctx);
   ce_bufs_free(ctx);
   ce_regions_free(ctx);
   ce_ops_free(ctx);

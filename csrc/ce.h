@@ -3,8 +3,10 @@
  *
  * libce moves checkpoint bytes from pinned host memory into GPU buffers that inference workers
  * map through CUDA IPC (or, on the CPU backend, through shared-memory files), and broadcasts them
- * between local GPUs with NCCL. It links no GPU library: libcuda.so.1 and libnccl.so.2 are
- * dlopen'd at run time, so it builds with a plain C compiler and reports clearly what is missing.
+ * between GPUs, local or in other processes and hosts, over a communicator: NCCL on CUDA, plain
+ * TCP sockets on the CPU backend (libce links no messaging library). It links no GPU library:
+ * libcuda.so.1 and libnccl.so.2 are dlopen'd at run time, so it builds with a plain C compiler and
+ * reports clearly what is missing.
  *
  * Rules that hold for every function (stated once, as zstd and Mooncake do):
  *  - Every function that can fail returns int: CE_OK (0), CE_INPROGRESS (1) from polls, or a
@@ -18,6 +20,10 @@
  *  - Nothing blocks for more than a moment unless its comment says so. Long work (pinning,
  *    file reads, copies, broadcasts) is submitted and returns an op id; ce_op_poll collects it.
  *  - C code never prints, exits or aborts.
+ *  - Communicators (one per context at a time) are made, used and aborted through the context's
+ *    comm thread: no call of the caller's blocks on a peer. Each init starts a generation; abort
+ *    or a failure (a peer that died, a timeout) ends it, and every op of an ended generation that
+ *    had not completed fails (CE_E_ABORTED, or the failure's status) instead of reporting success.
  */
 #ifndef CE_H
 #define CE_H
@@ -29,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10100
+#define CE_ABI_VERSION 10200
 
 /* Status codes. */
 #define CE_OK 0
@@ -47,6 +53,7 @@ extern "C" {
 #define CE_E_P2P (-11)     /* reserved for the transfer engines */
 #define CE_E_STATE (-12)   /* the call does not fit the object's state */
 #define CE_E_IO (-13)      /* a file could not be opened, read, mapped or created */
+#define CE_E_PEER (-14)    /* a communicator's peer process failed: connection closed or reset, out of step */
 
 /* Backends. */
 #define CE_BACKEND_CUDA 1
@@ -58,6 +65,12 @@ extern "C" {
 /* ce_lib_path libraries. */
 #define CE_LIB_CUDA 1
 #define CE_LIB_NCCL 2
+
+/* ce_comm_info states. */
+#define CE_COMM_NONE 0    /* never initialized */
+#define CE_COMM_PENDING 1 /* init submitted, not complete */
+#define CE_COMM_READY 2
+#define CE_COMM_DEAD 3    /* aborted or failed: init a new one */
 
 #define CE_IPC_HANDLE_BYTES 64
 #define CE_NCCL_ID_BYTES 128
@@ -105,8 +118,8 @@ CE_API int ce_cuda_mem_info(int ordinal, uint64_t *free_out, uint64_t *total_out
 /* A context over ndev devices: on CUDA the given ordinals (primary contexts retained, a copy and a
  * comm stream each); on CPU, ndev simulated devices (devices may be NULL). */
 CE_API int ce_ctx_create(int backend, const int32_t *devices, int ndev, ce_ctx_t **ctx_out);
-/* Waits for the context's ops, then frees everything still held: buffers, regions, communicators.
- * NULL is fine. Blocks. */
+/* Aborts the communicator (so no broadcast stays stuck on a dead peer), waits for the context's
+ * ops, then frees everything still held: buffers, regions. NULL is fine. Blocks (bounded). */
 CE_API void ce_ctx_destroy(ce_ctx_t *ctx);
 /* Restarts the clock that op times are measured against; returns its host time (CLOCK_MONOTONIC, ms). */
 CE_API int ce_ctx_clock_reset(ce_ctx_t *ctx, double *host_ms_out);
@@ -120,8 +133,9 @@ CE_API int ce_ctx_stats(ce_ctx_t *ctx, uint64_t *stats, uint64_t len);
  * Async: the region id is valid at once, usable when the op completes. */
 CE_API int ce_region_alloc(ce_ctx_t *ctx, uint64_t bytes, uint32_t *region_out, uint64_t *op_out);
 /* Maps a file read-only and, with CE_REGION_PIN, page-locks the mapping in place in `threads`
- * chunks in parallel (cuMemHostRegister, read-only, portable). The file is never modified, and its
- * descriptor is closed before this returns. Async as above; bytes_out is the file size. */
+ * chunks in parallel (cuMemHostRegister, read-only, portable); without, the op populates the page
+ * tables (never the caller's thread). The file is never modified, and its descriptor is closed
+ * before this returns. Async as above; bytes_out is the file size. */
 CE_API int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int threads, uint64_t *bytes_out,
                        uint32_t *region_out, uint64_t *op_out);
 /* Reads `bytes` of a file at file_offset into a region at region_offset, `threads` preads in parallel. Async. */
@@ -137,7 +151,8 @@ CE_API int ce_region_release(ce_ctx_t *ctx, uint32_t region, uint64_t *op_out);
 
 /* Allocates `bytes` on local device `dev` (index into the context's devices). With ipc, another
  * process can open it: CUDA via ce_buf_ipc_handle, CPU via a shared-memory file in shm_dir
- * (ce_buf_path). */
+ * (ce_buf_path), named ce-<pid>-…, locked (flock) while this process lives; the first such alloc
+ * in a directory reclaims the files of dead processes there (ce_shm_reclaim). */
 CE_API int ce_buf_alloc(ce_ctx_t *ctx, int dev, uint64_t bytes, int ipc, const char *shm_dir, ce_buf_t **buf_out);
 /* The 64-byte CUDA IPC handle of an ipc buffer (cuIpcGetMemHandle). */
 CE_API int ce_buf_ipc_handle(ce_buf_t *buf, uint8_t *handle, uint64_t len);
@@ -145,13 +160,17 @@ CE_API int ce_buf_ipc_handle(ce_buf_t *buf, uint8_t *handle, uint64_t len);
 CE_API int ce_buf_path(ce_buf_t *buf, char *path, uint64_t len);
 /* Opens another process's buffer from its IPC handle on local device `dev` (cuIpcOpenMemHandle). */
 CE_API int ce_buf_open_ipc(ce_ctx_t *ctx, int dev, const uint8_t *handle, uint64_t bytes, ce_buf_t **buf_out);
-/* Opens another process's CPU-backend buffer by its shared-memory file (mapped read-write). */
+/* Opens another process's CPU-backend buffer by its shared-memory file (mapped read-write).
+ * CE_E_INVAL when the file is shorter than `bytes` (it would fault on access). */
 CE_API int ce_buf_open_path(ce_ctx_t *ctx, const char *path, uint64_t bytes, ce_buf_t **buf_out);
 /* Frees an allocated buffer (and removes its shm file) or closes an opened one. Waits for the
  * context's ops that use it. NULL is fine. */
 CE_API void ce_buf_destroy(ce_buf_t *buf);
 /* Copies bytes out of a buffer into caller memory. Blocks until done (tests, small reads). */
 CE_API int ce_buf_read(ce_buf_t *buf, uint64_t offset, void *dst, uint64_t bytes);
+/* Removes shared-memory files ce-<pid>-… in dir whose process is gone (pid dead and no flock
+ * held): what a killed ce left. Blocks for a readdir. removed_out (may be NULL): files removed. */
+CE_API int ce_shm_reclaim(const char *dir, uint64_t *removed_out);
 
 /* ---- the pipeline ---- */
 
@@ -168,18 +187,40 @@ CE_API int ce_d2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint
 CE_API int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_t region, uint64_t region_offset,
                       uint64_t bytes, uint64_t *op_out);
 
-/* A new NCCL unique id (on the rank that creates the communicators). */
+/* ---- communicators ---- */
+
+/* A new communicator id, made once (on the process that hosts the rendezvous) and handed to every
+ * process. CUDA: ncclGetUniqueId (endpoint ignored). CPU: binds a TCP listener at endpoint
+ * ("tcp://127.0.0.1:0": a numeric, non-wildcard address others can reach; port 0 picks one) that
+ * the context keeps for its next ce_comm_init; the id carries the address and a random token. */
+CE_API int ce_comm_unique_id(ce_ctx_t *ctx, const char *endpoint, uint8_t *id, uint64_t len);
+/* Creates the communicator of nranks ranks, this context's devices being ranks first_rank … +ndev-1
+ * (CUDA: one NCCL communicator per device, one group, non-blocking; CPU: TCP, a ring of processes).
+ * Async: the op fails with CE_E_TIMEOUT naming the missing ranks after timeout_ms (0: no limit),
+ * CE_E_ABORTED after ce_comm_abort. CE_E_BUSY while an init is pending, CE_E_STATE while one is ready. */
+CE_API int ce_comm_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, int timeout_ms,
+                        uint64_t *op_out);
+/* Ends the current generation at once, pending init included: its ops fail with CE_E_ABORTED,
+ * a stuck peer no longer blocks (ncclCommAbort / sockets closed on the comm thread). Never blocks. */
+CE_API int ce_comm_abort(ce_ctx_t *ctx);
+/* [state (CE_COMM_*), generation, nranks, first_rank, status that ended it (0 while alive)], as
+ * many as len. Never blocks. */
+CE_API int ce_comm_info(ce_ctx_t *ctx, int64_t *info, uint64_t len);
+
+/* A new NCCL unique id (on the rank that creates the communicators). Needs ce_nccl_load. */
 CE_API int ce_nccl_unique_id(uint8_t *id, uint64_t len);
-/* Creates one communicator per local device, ranks first_rank … first_rank+ndev-1 of nranks,
- * in one NCCL group. Async: init waits for every rank. */
+/* ce_comm_init on the CUDA backend without a timeout of its own (kept for ABI 1.1 callers):
+ * abortable with ce_nccl_abort / ce_comm_abort. */
 CE_API int ce_nccl_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, uint64_t *op_out);
-/* Broadcast `bytes` from rank `root`'s buffer src (at src_offset; src is ignored where this host
- * holds not the root) into dsts[i] (one per local device, at dst_offset) on the comm streams, one
- * NCCL group. Starts after op `after`. Async; a failure or abort of any rank fails the op. */
+/* Broadcast `bytes` from rank `root`'s buffer src (at src_offset) into dsts[i] (one per local
+ * device, at dst_offset), through the communicator; src is NULL (or ignored) where this process
+ * holds not the root. CPU without a communicator: root is a local device index. Starts after op
+ * `after`. Async (issued by the comm thread); a failure or abort of any rank fails the op, and a
+ * root's op completes only once every process has the bytes (CPU). Every process must submit the
+ * same broadcasts in the same order. CE_E_ABORTED at once when the generation has ended. */
 CE_API int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_offset, ce_buf_t *const *dsts,
                     uint64_t ndsts, uint64_t dst_offset, uint64_t bytes, uint64_t after, uint64_t *op_out);
-/* Aborts the communicators (ncclCommAbort): in-flight broadcasts fail, a stuck peer no longer
- * blocks. A new ce_nccl_init is needed before the next broadcast. */
+/* ce_comm_abort (kept for ABI 1.1 callers). */
 CE_API int ce_nccl_abort(ce_ctx_t *ctx);
 
 /* ---- ops ---- */

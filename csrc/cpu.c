@@ -47,7 +47,7 @@ typedef struct {
 
 static int copy_job(ce_op_t *op) {
   copy_job_t *job = op->job_arg;
-  ce_op_thread_wait(op->ctx, job->after);
+  ce_op_thread_wait(op->ctx, job->after, NULL, 0);
   op->t0_ms = ce_now_ms(); /* the op's time is its copying, not its wait for `after` */
   for (uint64_t i = 0; i < job->n; i++) ce_memcpy_parallel(job->copies[i].dst, job->copies[i].src, job->copies[i].bytes, 4);
   return CE_OK;

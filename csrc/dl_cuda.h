@@ -80,6 +80,8 @@ typedef struct { char bytes[16]; } CUuuid;
   CE_CU(cuStreamDestroy, "cuStreamDestroy_v2", CUresult, (CUstream))                                    \
   /* CUresult cuStreamSynchronize(CUstream hStream); */                                                 \
   CE_CU(cuStreamSynchronize, "cuStreamSynchronize", CUresult, (CUstream))                               \
+  /* CUresult cuStreamQuery(CUstream hStream);  CUDA_ERROR_NOT_READY while work is pending */          \
+  CE_CU(cuStreamQuery, "cuStreamQuery", CUresult, (CUstream))                                           \
   /* CUresult cuStreamWaitEvent(CUstream hStream, CUevent hEvent, unsigned int Flags); */               \
   CE_CU(cuStreamWaitEvent, "cuStreamWaitEvent", CUresult, (CUstream, CUevent, unsigned int))            \
   /* CUresult cuEventCreate(CUevent *phEvent, unsigned int Flags); */                                   \

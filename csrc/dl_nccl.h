@@ -9,6 +9,22 @@ typedef int ncclResult_t; /* ncclSuccess 0, ncclInProgress 7 */
 typedef struct ncclComm *ncclComm_t; /* itself a pointer: init takes a pointer to it */
 typedef struct { char internal[128]; } ncclUniqueId;
 
+/* ncclConfig_t as of NCCL 2.18 (nccl.h's ncclConfig_v21700 layout plus splitShare). NCCL copies
+ * min(size, its own sizeof) bytes of it and takes its defaults for the rest, so this older, smaller
+ * layout stays valid in newer NCCLs. */
+typedef struct {
+  size_t size;
+  unsigned int magic;   /* 0xcafebeef */
+  unsigned int version; /* NCCL_VERSION of the layout: 21800 */
+  int blocking;         /* 0: calls return ncclInProgress; poll ncclCommGetAsyncError */
+  int cgaClusterSize;
+  int minCTAs;
+  int maxCTAs;
+  const char *netName;
+  int splitShare;
+} ce_nccl_config_t;
+#define CE_NCCL_CONFIG_UNDEF_INT (-2147483647 - 1) /* NCCL_CONFIG_UNDEF_INT: INT_MIN */
+
 #define ncclSuccess 0
 #define ncclInProgress 7
 #define ncclUint8 1
@@ -21,6 +37,10 @@ typedef struct { char internal[128]; } ncclUniqueId;
   /* ncclResult_t ncclCommInitRank(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank);        \
      the 128-byte id is passed by value; uses the calling thread's current CUDA device */              \
   CE_NC(ncclCommInitRank, "ncclCommInitRank", ncclResult_t, (ncclComm_t *, int, ncclUniqueId, int))     \
+  /* ncclResult_t ncclCommInitRankConfig(ncclComm_t *comm, int nranks, ncclUniqueId commId, int rank, \
+       ncclConfig_t *config);  with config->blocking 0 it returns ncclInProgress at once, *comm set */  \
+  CE_NC(ncclCommInitRankConfig, "ncclCommInitRankConfig", ncclResult_t,                                \
+        (ncclComm_t *, int, ncclUniqueId, int, ce_nccl_config_t *))                                     \
   /* ncclResult_t ncclCommDestroy(ncclComm_t comm);  waits for the comm's pending work */               \
   CE_NC(ncclCommDestroy, "ncclCommDestroy", ncclResult_t, (ncclComm_t))                                 \
   /* ncclResult_t ncclCommAbort(ncclComm_t comm);  frees the comm, stopping uncompleted operations */   \

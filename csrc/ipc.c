@@ -3,15 +3,67 @@
  * file that the worker maps by path. */
 #include "internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static _Atomic uint32_t shm_counter;
+
+/* Shared-memory files outlive a killed process, so each one is named for its process (ce-<pid>-…)
+ * and flock'ed by it for as long as it lives; a file whose process is gone and whose lock nobody
+ * holds is a leftover, and the next ce removes it. Unlinking right after the worker opens it was
+ * the other choice, but a worker maps the file again at every update's `open` (and after its own
+ * restart), so the name must stay. The lock covers what the pid alone cannot: a pid reused by
+ * another process, and a ce in another pid namespace sharing the directory. */
+static int shm_leftover(const char *dir, const char *name) {
+  int pid = 0, n = 0;
+  unsigned k;
+  int dev;
+  if (sscanf(name, "ce-%d-%u-dev%d%n", &pid, &k, &dev, &n) != 3 || name[n] != 0 || pid <= 0) return 0;
+  if (pid == (int)getpid() || kill(pid, 0) == 0 || errno != ESRCH) return 0;
+  char path[1024];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return 0;
+  int free_ = flock(fd, LOCK_EX | LOCK_NB) == 0;
+  if (free_) free_ = unlink(path) == 0;
+  close(fd);
+  return free_;
+}
+
+int ce_shm_reclaim(const char *dir, uint64_t *removed_out) {
+  if (!dir || !*dir) return ce_fail(CE_E_INVAL, "ce_shm_reclaim: no directory");
+  DIR *d = opendir(dir);
+  if (!d) return ce_fail(CE_E_IO, "opendir(%s): %s", dir, strerror(errno));
+  uint64_t removed = 0;
+  struct dirent *e;
+  while ((e = readdir(d)))
+    if (strncmp(e->d_name, "ce-", 3) == 0) removed += (uint64_t)shm_leftover(dir, e->d_name);
+  closedir(d);
+  if (removed_out) *removed_out = removed;
+  return CE_OK;
+}
+
+/* Once per directory per process, before its first buffer there. */
+static void shm_reclaim_once(const char *dir) {
+  static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  static char done[8][512];
+  static int ndone;
+  pthread_mutex_lock(&mu);
+  int seen = 0;
+  for (int i = 0; i < ndone && !seen; i++) seen = strcmp(done[i], dir) == 0;
+  if (!seen && ndone < 8) snprintf(done[ndone++], sizeof done[0], "%s", dir);
+  pthread_mutex_unlock(&mu);
+  if (!seen) ce_shm_reclaim(dir, NULL);
+}
 
 static void buf_link(ce_ctx_t *ctx, ce_buf_t *b) {
   pthread_mutex_lock(&ctx->mu);
@@ -55,12 +107,14 @@ int ce_buf_alloc(ce_ctx_t *ctx, int dev, uint64_t bytes, int ipc, const char *sh
     b->kind = BUF_DEVICE;
   } else if (ipc) {
     const char *dir = shm_dir && *shm_dir ? shm_dir : "/dev/shm";
+    shm_reclaim_once(dir);
     snprintf(b->path, sizeof b->path, "%s/ce-%d-%u-dev%d", dir, (int)getpid(), atomic_fetch_add(&shm_counter, 1), dev);
     int fd = open(b->path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) {
       rc = ce_fail(CE_E_IO, "creating %s: %s", b->path, strerror(errno));
       goto fail;
     }
+    flock(fd, LOCK_SH); /* held by the open descriptor until the buffer is freed (or the process dies) */
     /* Allocated now, not sparse: a shared-memory file system that runs out later would kill
      * the process with SIGBUS in the middle of a copy instead of failing here. */
     int e = posix_fallocate(fd, 0, (off_t)bytes);
@@ -73,13 +127,14 @@ int ce_buf_alloc(ce_ctx_t *ctx, int dev, uint64_t bytes, int ipc, const char *sh
     /* Populated up front: faulting a fresh tmpfs page per 4 KiB inside the first copy costs more
      * than the copy itself. */
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
-    close(fd);
     if (p == MAP_FAILED) {
       rc = ce_fail(CE_E_NOMEM, "mmap(%s): %s", b->path, strerror(errno));
+      close(fd);
       unlink(b->path);
       goto fail;
     }
     b->host = p;
+    b->lock_fd = fd;
     b->kind = BUF_HOST_SHM;
   } else {
     void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -146,8 +201,21 @@ int ce_buf_open_ipc(ce_ctx_t *ctx, int dev, const uint8_t *handle, uint64_t byte
 
 int ce_buf_open_path(ce_ctx_t *ctx, const char *path, uint64_t bytes, ce_buf_t **buf_out) {
   if (!ctx || !path || !buf_out) return ce_fail(CE_E_INVAL, "ce_buf_open_path: NULL argument");
+  if (bytes == 0) return ce_fail(CE_E_INVAL, "ce_buf_open_path(%s): 0 bytes", path);
   int fd = open(path, O_RDWR | O_CLOEXEC);
   if (fd < 0) return ce_fail(CE_E_IO, "open(%s): %s", path, strerror(errno));
+  /* A mapping past the end of the file maps nothing there: the first access would be a SIGBUS. */
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
+    return ce_fail(CE_E_IO, "fstat(%s): %s", path, strerror(e));
+  }
+  if ((uint64_t)st.st_size < bytes) {
+    close(fd);
+    return ce_fail(CE_E_INVAL, "%s has %llu bytes, %llu expected (a buffer of another size, or a truncated file)", path,
+                   (unsigned long long)st.st_size, (unsigned long long)bytes);
+  }
   void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, 0);
   close(fd);
   if (p == MAP_FAILED) return ce_fail(CE_E_IO, "mmap(%s, %llu bytes): %s", path, (unsigned long long)bytes, strerror(errno));
@@ -179,6 +247,7 @@ static void buf_free(ce_buf_t *b) {
   case BUF_HOST_SHM:
     munmap(b->host, b->bytes);
     unlink(b->path);
+    close(b->lock_fd);
     break;
   default:
     munmap(b->host, b->bytes);

@@ -14,7 +14,7 @@ ce_op_t *ce_op_new(ce_ctx_t *ctx, int kind, uint64_t *id_out) {
   pthread_mutex_lock(&ctx->mu);
   uint32_t slot = 0;
   for (; slot < ctx->nops; slot++)
-    if (!ctx->ops[slot]->in_use) break;
+    if (!ctx->ops[slot]->in_use && atomic_load(&ctx->ops[slot]->pins) == 0) break;
   if (slot == ctx->nops) {
     ce_op_t **grown = realloc(ctx->ops, sizeof *grown * (ctx->nops + 1));
     ce_op_t *op = grown ? calloc(1, sizeof *op) : NULL;
@@ -32,8 +32,12 @@ ce_op_t *ce_op_new(ce_ctx_t *ctx, int kind, uint64_t *id_out) {
   /* Events survive reuse: creating them per op would cost more than the small copies they time. */
   op->in_use = 1;
   op->kind = kind;
-  op->is_bcast = 0;
   op->ctx = ctx;
+  atomic_store(&op->issued, ISSUE_DONE);
+  op->sync_stream = NULL;
+  op->comm_gen = 0;
+  atomic_store(&op->settled, 0);
+  op->joinable = 0;
   op->ndevs = 0;
   atomic_store(&op->done, 0);
   op->status = CE_OK;
@@ -73,6 +77,16 @@ static void op_collect(ce_op_t *op) {
 }
 
 void ce_op_discard(ce_op_t *op) { op_collect(op); }
+
+int ce_op_events(ce_op_t *op, int d) {
+  ce_ctx_t *ctx = op->ctx;
+  CUresult r = CUDA_SUCCESS;
+  if (!op->start[d]) r = cu.cuEventCreate(&op->start[d], CU_EVENT_DEFAULT);
+  if (r == CUDA_SUCCESS && !op->end[d]) r = cu.cuEventCreate(&op->end[d], CU_EVENT_DEFAULT);
+  if (r != CUDA_SUCCESS) return ce_cuda_fail(r, "cuEventCreate on GPU %d", ctx->dev[d].ordinal);
+  op->devs[op->ndevs++] = d;
+  return CE_OK;
+}
 
 void ce_op_hold_region(ce_op_t *op, uint32_t region) {
   for (uint32_t i = 0; i < op->nregions; i++)
@@ -121,8 +135,20 @@ int ce_op_run(ce_op_t *op, ce_job_fn fn, uint64_t id, uint64_t *op_out) {
     ce_op_discard(op);
     return ce_fail(CE_E_NOMEM, "pthread_create: %s", strerror(e));
   }
+  op->joinable = 1;
   *op_out = id;
   return CE_OK;
+}
+
+void ce_op_complete(ce_op_t *op, int status) {
+  op->t1_ms = ce_now_ms();
+  op->status = status;
+  atomic_store_explicit(&op->done, 1, memory_order_release);
+}
+
+void ce_op_issued(ce_op_t *op, int issued, int status) {
+  op->status = status;
+  atomic_store_explicit(&op->issued, issued, memory_order_release);
 }
 
 int ce_op_fail(ce_op_t *op, int status, const char *fmt, ...) {
@@ -153,11 +179,8 @@ static ce_op_t *op_at(ce_ctx_t *ctx, uint64_t id) {
   return op && op->in_use && atomic_load(&op->gen) == gen ? op : NULL;
 }
 
-int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, CUstream s) {
-  if (!after) return CE_OK;
-  ce_op_t *op = op_at(ctx, after);
-  if (!op) return CE_OK; /* already collected: done */
-  if (op->kind != OP_GPU) return ce_fail(CE_E_STATE, "after: op %llu is not a GPU op", (unsigned long long)after);
+int ce_op_stream_wait_op(ce_op_t *op, CUstream s) {
+  if (!op || atomic_load_explicit(&op->issued, memory_order_acquire) != ISSUE_DONE) return CE_OK;
   for (int i = 0; i < op->ndevs; i++) {
     CUresult r = cu.cuStreamWaitEvent(s, op->end[op->devs[i]], 0);
     if (r != CUDA_SUCCESS) return ce_cuda_fail(r, "cuStreamWaitEvent");
@@ -165,26 +188,59 @@ int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, CUstream s) {
   return CE_OK;
 }
 
-void ce_op_thread_wait(ce_ctx_t *ctx, uint64_t after) {
+int ce_op_stream_wait(ce_ctx_t *ctx, uint64_t after, CUstream s) {
+  if (!after) return CE_OK;
+  ce_op_t *op = op_at(ctx, after);
+  if (!op) return CE_OK; /* already collected: done */
+  if (op->kind != OP_GPU) return ce_fail(CE_E_STATE, "after: op %llu is not a GPU op", (unsigned long long)after);
+  return ce_op_stream_wait_op(op, s);
+}
+
+ce_op_t *ce_op_pin(ce_ctx_t *ctx, uint64_t after, int *pending_out) {
+  *pending_out = 0;
+  if (!after) return NULL;
+  uint32_t slot = (uint32_t)after, gen = (uint32_t)(after >> 32);
+  pthread_mutex_lock(&ctx->mu);
+  ce_op_t *op = slot < ctx->nops ? ctx->ops[slot] : NULL;
+  if (op && (!op->in_use || atomic_load(&op->gen) != gen)) op = NULL;
+  if (op) {
+    atomic_fetch_add(&op->pins, 1);
+    *pending_out = op->kind == OP_GPU && atomic_load_explicit(&op->issued, memory_order_acquire) == ISSUE_PENDING;
+  }
+  pthread_mutex_unlock(&ctx->mu);
+  return op;
+}
+
+void ce_op_unpin(ce_op_t *op) {
+  if (op) atomic_fetch_sub(&op->pins, 1);
+}
+
+void ce_op_thread_wait(ce_ctx_t *ctx, uint64_t after, _Atomic uint64_t *stop, uint64_t stop_at) {
   if (!after) return;
   ce_op_t *op = op_at(ctx, after);
   if (!op) return;
   uint32_t gen = (uint32_t)(after >> 32);
   struct timespec nap = {0, 20000};
-  while (op->in_use && atomic_load(&op->gen) == gen && !atomic_load_explicit(&op->done, memory_order_acquire))
+  while (op->in_use && atomic_load(&op->gen) == gen && !atomic_load_explicit(&op->done, memory_order_acquire)) {
+    if (stop && atomic_load(stop) >= stop_at) return;
     nanosleep(&nap, NULL);
+  }
 }
 
 /* Waits until op's work is done on the device or its thread: not collected, just finished. */
 static void op_finish(ce_ctx_t *ctx, ce_op_t *op) {
+  struct timespec nap = {0, 20000};
   if (op->kind == OP_THREAD) {
-    struct timespec nap = {0, 20000};
     while (!atomic_load_explicit(&op->done, memory_order_acquire)) nanosleep(&nap, NULL);
     return;
   }
+  /* Issued by the comm thread, which ends every issue within the communicator's timeout or abort. */
+  while (atomic_load_explicit(&op->issued, memory_order_acquire) == ISSUE_PENDING) nanosleep(&nap, NULL);
+  if (atomic_load(&op->issued) == ISSUE_FAILED) return;
   for (int k = 0; k < op->ndevs; k++) {
     ce_dev_enter(ctx, op->devs[k]);
-    cu.cuEventSynchronize(op->end[op->devs[k]]);
+    if (op->sync_stream) cu.cuStreamSynchronize(op->sync_stream);
+    else cu.cuEventSynchronize(op->end[op->devs[k]]);
   }
 }
 
@@ -208,22 +264,24 @@ void ce_ops_forget_buf(ce_ctx_t *ctx, struct ce_buf *buf) {
 }
 
 /* CE_INPROGRESS, CE_OK or the GPU op's error; fills times when done. */
+/* NCCL's async errors are watched by the comm thread (the only thread that calls NCCL), which
+ * ends the generation on one: a broadcast then fails through ce_comm_verdict. */
 static int gpu_op_state(ce_op_t *op, double *times) {
   ce_ctx_t *ctx = op->ctx;
+  int issued = atomic_load_explicit(&op->issued, memory_order_acquire);
+  if (issued == ISSUE_PENDING) return CE_INPROGRESS;
+  if (issued == ISSUE_FAILED) return ce_fail_msg(op->status, op->err);
   for (int i = 0; i < op->ndevs; i++) {
     int d = op->devs[i];
     ce_dev_enter(ctx, d);
-    CUresult r = cu.cuEventQuery(op->end[d]);
-    if (r == CUDA_ERROR_NOT_READY) {
-      if (op->is_bcast && ctx->dev[d].comm_nccl) {
-        ncclResult_t async = ncclSuccess;
-        nccl.ncclCommGetAsyncError(ctx->dev[d].comm_nccl, &async);
-        if (async != ncclSuccess && async != ncclInProgress)
-          return ce_nccl_fail(async, ctx->dev[d].comm_nccl, "broadcast on GPU %d", ctx->dev[d].ordinal);
-      }
-      return CE_INPROGRESS;
-    }
+    CUresult r = op->sync_stream ? cu.cuStreamQuery(op->sync_stream) : cu.cuEventQuery(op->end[d]);
+    if (r == CUDA_ERROR_NOT_READY) return CE_INPROGRESS;
     if (r != CUDA_SUCCESS) return ce_cuda_fail(r, "op on GPU %d", ctx->dev[d].ordinal);
+  }
+  if (op->status != CE_OK) return ce_fail_msg(op->status, op->err);
+  if (op->comm_gen) {
+    int rc = ce_comm_verdict(ctx, op);
+    if (rc != CE_OK) return rc;
   }
   if (times) {
     double t0 = 1e300, t1 = 0;
@@ -252,7 +310,8 @@ int ce_op_poll(ce_ctx_t *ctx, uint64_t id, double *times, uint64_t *value) {
     if (rc == CE_INPROGRESS) return rc;
   } else {
     if (!atomic_load_explicit(&op->done, memory_order_acquire)) return CE_INPROGRESS;
-    pthread_join(op->thread, NULL);
+    if (op->joinable) pthread_join(op->thread, NULL);
+    op->joinable = 0;
     rc = op->status;
     if (rc != CE_OK) ce_fail_msg(rc, op->err);
     if (times) {
@@ -281,7 +340,8 @@ void ce_ops_drain(ce_ctx_t *ctx) {
     ce_op_t *op = ctx->ops[i];
     if (!op->in_use) continue;
     op_finish(ctx, op);
-    if (op->kind == OP_THREAD) pthread_join(op->thread, NULL);
+    if (op->joinable) pthread_join(op->thread, NULL);
+    op->joinable = 0;
     op_collect(op);
   }
 }

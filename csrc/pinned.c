@@ -145,6 +145,18 @@ static int pin_job(ce_op_t *op) {
   ce_ctx_t *ctx = op->ctx;
   ce_region_t *r = &ctx->regions[job->id];
   op->value = job->id;
+  if (!job->pin && r->bytes > 0 && r->kind == REGION_MAP_FILE) {
+    /* Without pinning, fault the page tables in here, off the caller's thread: the copies would
+     * otherwise take a fault per 4 KiB page (a full read for a file on disk). */
+    if (madvise(r->base, r->bytes, MADV_POPULATE_READ_) != 0) {
+      /* kernels before 5.14: touch a byte per page */
+      volatile const uint8_t *p = r->base;
+      long page = sysconf(_SC_PAGESIZE);
+      uint8_t sink = 0;
+      for (uint64_t o = 0; o < r->bytes; o += (uint64_t)page) sink ^= p[o];
+      (void)sink;
+    }
+  }
   if (job->pin && r->bytes > 0) {
     uint64_t chunk = chunk_size(r->bytes, job->threads);
     int rc = pin_chunks(op, ctx, r->base, r->bytes, chunk, job->flags, 0);
@@ -216,11 +228,9 @@ int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int thre
   void *p = NULL;
   if (bytes > 0) {
     /* Read-only and shared: the user's file can never be written through this mapping, and
-     * pinning it copies nothing (a private writable mapping would copy every page on pin). */
-    /* Without pinning (the CPU backend), populate the page tables at once: the copies would
-     * otherwise take a fault per 4 KiB page. Pinning faults the pages in itself, in parallel. */
-    int populate = (flags & CE_REGION_PIN) && ctx->backend == CE_BACKEND_CUDA ? 0 : MAP_POPULATE;
-    p = mmap(NULL, bytes, PROT_READ, MAP_SHARED | populate, fd, 0);
+     * pinning it copies nothing (a private writable mapping would copy every page on pin). The
+     * pages are faulted in by the op (pin_job), never here on the caller's thread. */
+    p = mmap(NULL, bytes, PROT_READ, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
       int e = errno;
       close(fd);

@@ -8,7 +8,7 @@ import { NativeError, TimeoutError } from "../base/errors";
 import { pollUntil } from "../base/poll";
 
 /** csrc/ce.h CE_ABI_VERSION this build of ce is written against. */
-export const ABI_VERSION = 10100;
+export const ABI_VERSION = 10200;
 
 export const CE_OK = 0;
 export const CE_INPROGRESS = 1;
@@ -68,6 +68,8 @@ const symbols = {
   ce_buf_destroy: { args: ["ptr"], returns: "void" },
   // int ce_buf_read(ce_buf_t *buf, uint64_t offset, void *dst, uint64_t bytes);
   ce_buf_read: { args: ["ptr", "u64", "ptr", "u64"], returns: "i32" },
+  // int ce_shm_reclaim(const char *dir, uint64_t *removed_out);
+  ce_shm_reclaim: { args: ["ptr", "ptr"], returns: "i32" },
   // int ce_h2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, const uint64_t *copies, uint64_t ncopies, uint64_t after,
   //                   uint64_t *op_out);
   ce_h2d_submit: { args: ["ptr", "ptr", "ptr", "u64", "u64", "ptr"], returns: "i32" },
@@ -77,6 +79,15 @@ const symbols = {
   // int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_t region,
   //                       uint64_t region_offset, uint64_t bytes, uint64_t *op_out);
   ce_compare_submit: { args: ["ptr", "ptr", "u64", "u32", "u64", "u64", "ptr"], returns: "i32" },
+  // int ce_comm_unique_id(ce_ctx_t *ctx, const char *endpoint, uint8_t *id, uint64_t len);
+  ce_comm_unique_id: { args: ["ptr", "ptr", "ptr", "u64"], returns: "i32" },
+  // int ce_comm_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, int timeout_ms,
+  //                  uint64_t *op_out);
+  ce_comm_init: { args: ["ptr", "ptr", "u64", "i32", "i32", "i32", "ptr"], returns: "i32" },
+  // int ce_comm_abort(ce_ctx_t *ctx);
+  ce_comm_abort: { args: ["ptr"], returns: "i32" },
+  // int ce_comm_info(ce_ctx_t *ctx, int64_t *info, uint64_t len);
+  ce_comm_info: { args: ["ptr", "ptr", "u64"], returns: "i32" },
   // int ce_nccl_unique_id(uint8_t *id, uint64_t len);
   ce_nccl_unique_id: { args: ["ptr", "u64"], returns: "i32" },
   // int ce_nccl_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, uint64_t *op_out);
@@ -231,6 +242,14 @@ export function cudaMemInfo(ordinal: number): { freeBytes: number; totalBytes: n
   return { freeBytes: u64(free[0]!, "free"), totalBytes: u64(total[0]!, "total") };
 }
 
+/** Removes the shared-memory files that killed ce processes left in dir; returns how many. */
+export function shmReclaim(dir: string): number {
+  const out = new BigUint64Array(1);
+  const d = cstr(dir);
+  check(libce().ce_shm_reclaim(d, out), `reclaiming shared memory in ${dir}`);
+  return u64(out[0]!, "removed");
+}
+
 export function ncclUniqueId(): Uint8Array {
   const id = new Uint8Array(128);
   check(libce().ce_nccl_unique_id(id, id.length), "creating an NCCL unique id");
@@ -251,6 +270,23 @@ export interface OpResult {
 export type Backend = "cuda" | "cpu";
 
 const REGION_PIN = 1;
+
+export type CommState = "none" | "pending" | "ready" | "dead";
+
+export interface CommInfo {
+  state: CommState;
+  /** 0 before the first init; each init starts a new generation */
+  generation: number;
+  nranks: number;
+  firstRank: number;
+  /** CE_E_ABORTED, CE_E_PEER, ...: what ended a dead generation */
+  endedBy?: string;
+}
+
+const COMM_STATES: CommState[] = ["none", "pending", "ready", "dead"];
+
+/** Time an init op gets, past its native timeout, to report that timeout before ce aborts it. */
+const INIT_GRACE_MS = 2_000;
 
 export interface ContextStats {
   regions: number;
@@ -387,12 +423,79 @@ export class Ctx {
     return op[0]!;
   }
 
+  /**
+   * A communicator id for commInit: NCCL's on CUDA; on the CPU backend a TCP listener bound at
+   * `endpoint` (numeric address, port 0 picks one) that this context keeps for its next commInit.
+   */
+  commUniqueId(endpoint = "tcp://127.0.0.1:0"): Uint8Array {
+    const id = new Uint8Array(128);
+    const ep = cstr(endpoint);
+    check(libce().ce_comm_unique_id(this.handle, ep, id, id.length), `creating a communicator id at ${endpoint}`);
+    return id;
+  }
+
+  /**
+   * Submits the communicator's init: nranks ranks, this context's devices being firstRank... The op
+   * fails with CE_E_TIMEOUT after timeoutMs (0: never), CE_E_ABORTED after commAbort(); a second
+   * init while one is pending throws CE_E_BUSY.
+   */
+  commInit(id: Uint8Array, nranks: number, firstRank: number, timeoutMs: number): OpId {
+    const op = new BigUint64Array(1);
+    check(
+      libce().ce_comm_init(this.handle, id, id.byteLength, nranks, firstRank, Math.min(Math.max(0, Math.ceil(timeoutMs)), 2 ** 31 - 1), op),
+      `creating the communicator (ranks ${firstRank}..${firstRank + this.ndev - 1} of ${nranks})`,
+    );
+    return op[0]!;
+  }
+
+  /**
+   * Creates the communicator and waits for it, never leaving an init behind: on its deadline, or
+   * when signal aborts, the init is aborted and collected before this rejects, so the next call
+   * can start afresh.
+   */
+  async commCreate(id: Uint8Array, nranks: number, firstRank: number, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void> {
+    const what = `creating the communicator (ranks ${firstRank}..${firstRank + this.ndev - 1} of ${nranks})`;
+    const op = this.commInit(id, nranks, firstRank, opts.timeoutMs);
+    try {
+      await this.wait(op, { timeoutMs: opts.timeoutMs > 0 ? opts.timeoutMs + INIT_GRACE_MS : Number.POSITIVE_INFINITY, what, signal: opts.signal });
+    } catch (err) {
+      if (!(err instanceof NativeError)) {
+        this.commAbort();
+        await this.wait(op, { timeoutMs: 30_000, what: `${what}, aborted` }).catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  /** Ends the communicator now, a pending init included: its unfinished ops fail. Never blocks. */
+  commAbort(): void {
+    check(libce().ce_comm_abort(this.handle), "aborting the communicator");
+  }
+
+  commInfo(): CommInfo {
+    const v = new BigInt64Array(5);
+    check(libce().ce_comm_info(this.handle, v, 5), "reading the communicator state");
+    const status = Number(v[4]!);
+    return {
+      state: COMM_STATES[Number(v[0]!)] ?? "dead",
+      generation: Number(v[1]!),
+      nranks: Number(v[2]!),
+      firstRank: Number(v[3]!),
+      ...(status ? { endedBy: String(libce().ce_status_name(status)) } : {}),
+    };
+  }
+
+  /** CUDA: commInit without a native timeout (kept for callers of ABI 1.1); abortable. */
   ncclInit(id: Uint8Array, nranks: number, firstRank: number): OpId {
     const op = new BigUint64Array(1);
     check(libce().ce_nccl_init(this.handle, id, id.byteLength, nranks, firstRank, op), `creating NCCL communicators (${nranks} ranks)`);
     return op[0]!;
   }
 
+  /**
+   * Broadcast from rank `root` (a device index on the CPU backend without a communicator) into one
+   * buffer per local device; src is null where this process holds not the root.
+   */
   bcast(root: number, src: Buf | null, srcOffset: number, dsts: Buf[], dstOffset: number, bytes: number, after: OpId = 0n): OpId {
     const op = new BigUint64Array(1);
     const list = BigUint64Array.from(dsts.map((b) => BigInt(b.handle as number)));
@@ -403,8 +506,9 @@ export class Ctx {
     return op[0]!;
   }
 
+  /** commAbort (kept for its callers). */
   ncclAbort(): void {
-    check(libce().ce_nccl_abort(this.handle), "aborting NCCL");
+    this.commAbort();
   }
 
   /** undefined while the op runs; its result once done; throws its error. */
