@@ -51,9 +51,6 @@ export const TORCH_DTYPES: Readonly<Record<string, string>> = Object.freeze(
 const torchGlobal = (name: string): Global => global("torch", name);
 const torchSize = (dims: readonly number[]): PickleValue => reduce(torchGlobal("Size"), tuple(...dims));
 
-/** Where rebuild_cuda_tensor's arguments sit; the worker overwrites STORAGE_DEVICE with its own index. */
-export const REBUILD_ARG = { STORAGE_DEVICE: 6, STORAGE_HANDLE: 7, STORAGE_SIZE_BYTES: 8 } as const;
-
 /**
  * The open message's object: the tuple torch.multiprocessing.reductions.reduce_tensor() gives for a
  * contiguous uint8 CUDA tensor spanning the whole buffer, as its rebuild_cuda_tensor takes it

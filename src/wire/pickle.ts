@@ -82,7 +82,7 @@ const OP = {
   PROTO: 0x80,
 } as const;
 
-export const PICKLE_PROTOCOL = 4;
+const PICKLE_PROTOCOL = 4;
 const UINT32_MAX = 0xffff_ffff;
 const utf8 = new TextEncoder();
 
