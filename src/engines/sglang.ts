@@ -8,6 +8,8 @@ import { InputError, WorkerError } from "../base/errors";
 import type { Engine } from "./types";
 
 export const SGLANG_ROUTE = "update_weights_from_ipc";
+/** Slack past ce's deadline before the call is given up, so that ce's own deadlines, which name the worker, fire first. */
+const CALL_SLACK_MS = 60_000;
 
 export interface SglangOptions {
   /** Flush SGLang's prefix (radix) cache after the update, as SGLang does by default: cached KV came from the old weights. */
@@ -64,7 +66,10 @@ export class SglangEngine implements Engine {
         method: "POST",
         headers: { "content-type": "application/json" },
         body: sglangBody(endpoints, this.#opts),
-        signal: AbortSignal.timeout(timeoutMs),
+        // SGLang answers only once every rank is done; Bun's fetch would otherwise give up on a
+        // connection idle for 5 minutes, whatever the signal says (Bun issue #16682).
+        timeout: false,
+        signal: AbortSignal.timeout(timeoutMs + CALL_SLACK_MS),
       });
     } catch (err) {
       throw new WorkerError("E_ENGINE_HTTP", `POST ${this.#url}: ${(err as Error).message}`, {
