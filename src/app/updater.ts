@@ -14,7 +14,7 @@ const log = logger("setup");
 /** The engine to trigger: ce's own receivers, or a running engine's HTTP route. */
 export type EngineSpec =
   | { kind: "workers"; worker: WorkerKind; verify: boolean; /** interpreter for python workers */ python?: string }
-  | { kind: "vllm" | "external"; endpoint: string };
+  | { kind: "vllm" | "external"; endpoint: string; /** vllm: drop the prefix cache after an update */ resetPrefixCache?: boolean };
 
 export interface UpdaterOptions {
   backend: BackendChoice;
@@ -42,11 +42,14 @@ export async function openUpdater(opts: UpdaterOptions): Promise<Updater> {
     set.devices.map((d) => d.ordinal),
   );
   const spec = opts.engine;
-  const workers =
-    spec.kind === "workers"
-      ? new WorkersEngine(spec.worker, set.backend, set.devices, { verify: spec.verify, python: spec.python })
-      : undefined;
-  const engine: Engine = workers ?? new HttpEngine(spec.kind as "vllm" | "external", (spec as { endpoint: string }).endpoint);
+  let workers: WorkersEngine | undefined;
+  let engine: Engine;
+  if (spec.kind === "workers") {
+    workers = new WorkersEngine(spec.worker, set.backend, set.devices, { verify: spec.verify, python: spec.python });
+    engine = workers;
+  } else {
+    engine = new HttpEngine(spec.kind, spec.endpoint, { resetPrefixCache: spec.resetPrefixCache });
+  }
   const session = new UpdateSession({
     ctx,
     devices: set.devices,

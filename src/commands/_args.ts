@@ -35,6 +35,11 @@ export const engineArgs = {
   worker: { type: "string", description: "with --engine workers: ref (built-in, no Python) or python (torch)", valueHint: "ref|python" },
   verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
   broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
+  "reset-prefix-cache": {
+    type: "boolean",
+    description: "vllm: POST /reset_prefix_cache after an update, so no KV computed with the old weights is reused",
+    default: true,
+  },
 } as const satisfies Record<string, ArgDef>;
 
 // From flags to typed options: every check that names a flag lives here, before anything slow runs
@@ -81,7 +86,7 @@ export function deviceOptions(args: { device?: string; devices?: string }): { ba
 }
 
 /** --engine, --endpoint, --worker and --verify: what to trigger. */
-export function engineOptions(args: { engine?: string; endpoint?: string; worker?: string; verify?: boolean }): EngineSpec {
+export function engineOptions(args: { engine?: string; endpoint?: string; worker?: string; verify?: boolean; "reset-prefix-cache"?: boolean }): EngineSpec {
   const kind = args.engine ?? (args.endpoint ? "vllm" : "workers");
   if (kind === "workers") {
     const worker = args.worker ?? "ref";
@@ -90,7 +95,7 @@ export function engineOptions(args: { engine?: string; endpoint?: string; worker
   }
   if (kind !== "vllm" && kind !== "external") throw new UsageError(`--engine "${kind}": use vllm, external or workers`);
   if (!args.endpoint) throw new UsageError(`--engine ${kind} needs --endpoint URL`);
-  return { kind, endpoint: args.endpoint };
+  return { kind, endpoint: args.endpoint, resetPrefixCache: args["reset-prefix-cache"] ?? true };
 }
 
 /** Everything openUpdater needs from the shared engine and device flags. */

@@ -159,7 +159,7 @@ for (const c of CASES) {
 
     test.skipIf(c.device !== "cuda")("ce on the CPU backend against a GPU engine: the engine's answer names the GPU it has no endpoint for", async () => {
       const r = await ceUpdate({ checkpoint: ckpt.a, endpoint: server.rpcUrl, device: "cpu", version: 21, bucketSize: c.bucketSize });
-      expectFailure(r, "E_ENGINE_HTTP", ["HTTP 500", /no endpoint for this worker's GPU GPU-[0-9a-f-]+ \(got CPU-/]);
+      expectFailure(r, "E_WORKER", [/no endpoint for this worker's GPU GPU-[0-9a-f-]+ \(got CPU-/]);
     }, 120_000);
 
     test(
