@@ -10,6 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { openCheckpoint } from "../../src/checkpoint/checkpoint";
 import { resolveDevices } from "../../src/core/devices";
+import { rpcTimeoutS } from "../../src/engines/http";
 import type { WorkersEngine } from "../../src/engines/workers";
 import { TimeoutError, WorkerError } from "../../src/base/errors";
 import { Ctx } from "../../src/native/ce";
@@ -603,7 +604,8 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
             const cmd = [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu", "--verify"];
             workers.set(endpoint, Bun.spawn(cmd, { stdin: "pipe", stdout: "ignore", stderr: "inherit" }));
           }
-          return Response.json({ ok: true });
+          // What vLLM's /collective_rpc answers: one summary per worker.
+          return Response.json({ results: Object.keys(body.args[0]!).map((uuid) => ({ state: "finished", device_uuid: uuid })) });
         },
       });
       const url = `http://127.0.0.1:${server.port}/rpc`;
@@ -618,7 +620,7 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
           await registered(up, ck, async (reg) => {
             expectSummary(await update(up.session, reg), ck, 2, "direct");
             expect(calls).toHaveLength(1);
-            expect(calls[0]).toEqual({ method: "update_weights_from_ipc", args: [up.session.endpoints], timeout: UPDATE_MS / 1000 });
+            expect(calls[0]).toEqual({ method: "update_weights_from_ipc", args: [up.session.endpoints], timeout: rpcTimeoutS(UPDATE_MS) });
             expect(Object.keys(calls[0]!.args[0]!).sort()).toEqual(up.session.devices.map((d) => d.uuid).sort());
 
             refuse = true;
