@@ -1,40 +1,58 @@
-// The NCCL communicators of the broadcast path: one per local GPU, created in one group on first use
-// and kept while updates succeed. A failed update may leave a peer mid-collective, so its
-// communicators are aborted and the next update makes new ones.
+// The communicator of the broadcast path: one per context, spanning this host's devices (one host)
+// or every device of every host (a cluster, id from host 0). Kept while updates succeed; a failed
+// update may leave a peer mid-collective, so its communicator is aborted and the next update makes
+// a new one. On the CPU backend one host needs none: libce fans out inside the process.
 import type { Ctx } from "../native/ce";
-import { ncclLoad, ncclUniqueId } from "../native/ce";
+import { ncclLoad } from "../native/ce";
+
+/** A communicator across hosts: the id host 0 made, the ranks, and a key that names this one. */
+export interface CommSpec {
+  id: Uint8Array;
+  nranks: number;
+  firstRank: number;
+  /** Host 0 changes it whenever a new communicator is needed (a host rejoined, a failure). */
+  key: string;
+}
 
 export class Communicators {
-  #ready = false;
+  #key: string | undefined;
 
   constructor(
     private readonly ctx: Ctx,
     private readonly ndev: number,
   ) {}
 
+  /** Whether a communicator is up (this context's, not yet aborted). */
   get ready(): boolean {
-    return this.#ready;
+    return this.#key !== undefined && this.ctx.commInfo().state === "ready";
   }
 
-  /** Creates the communicators unless they exist; an init that fails or passes the deadline is aborted. */
-  async ensure(timeoutMs: number, signal?: AbortSignal): Promise<void> {
-    // The CPU backend fans out inside the process: nothing to create.
-    if (this.#ready || this.ctx.backend !== "cuda") return;
+  /** This host alone: on CUDA the local GPUs' communicator, made once. */
+  async ensureLocal(timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    if (this.ctx.backend !== "cuda") return;
+    if (this.ready && this.#key === "local") return;
     ncclLoad();
-    const op = this.ctx.ncclInit(ncclUniqueId(), this.ndev, 0);
-    try {
-      await this.ctx.wait(op, { timeoutMs, what: "creating NCCL communicators", signal });
-    } catch (err) {
-      this.ctx.ncclAbort();
-      throw err;
-    }
-    this.#ready = true;
+    await this.#create({ id: this.ctx.commUniqueId(), nranks: this.ndev, firstRank: 0, key: "local" }, timeoutMs, signal);
   }
 
-  /** Aborts the communicators (a stuck broadcast then ends); the next ensure() makes new ones. */
+  /** A cluster's communicator: joined unless the one up has the same key. */
+  async join(spec: CommSpec, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    if (this.ready && this.#key === spec.key) return;
+    if (this.ctx.backend === "cuda") ncclLoad();
+    await this.#create(spec, timeoutMs, signal);
+  }
+
+  async #create(spec: CommSpec, timeoutMs: number, signal?: AbortSignal): Promise<void> {
+    this.abort();
+    // commCreate never leaves an init behind: on its deadline it aborts and collects it.
+    await this.ctx.commCreate(spec.id, spec.nranks, spec.firstRank, { timeoutMs, signal });
+    this.#key = spec.key;
+  }
+
+  /** Aborts the communicator (a stuck broadcast then ends); the next update makes a new one. */
   abort(): void {
-    if (!this.#ready) return;
-    this.ctx.ncclAbort();
-    this.#ready = false;
+    const state = this.ctx.commInfo().state;
+    if (state === "ready" || state === "pending") this.ctx.commAbort();
+    this.#key = undefined;
   }
 }

@@ -16,7 +16,8 @@ export interface BucketTrace {
   slot: number;
   bytes: number;
   tensors: number;
-  h2d: [number, number];
+  /** absent where another host did the bucket's H2D */
+  h2d?: [number, number];
   bcast?: [number, number];
   /** per device: load sent → reply received */
   reload: [number, number][];
@@ -81,6 +82,8 @@ export interface PipelineInput {
   ndev: number;
   /** Owners H2D into staging and broadcast into every slot; otherwise each device's slot gets its own H2D. */
   broadcast: boolean;
+  /** Global rank of this host's first device: bucket owners are global ranks (a cluster); 0 alone. */
+  firstRank: number;
   channel: WorkerChannel;
   ops: PendingOps;
   /** Loads wait for this: every worker has mapped the buffer. */
@@ -114,14 +117,18 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
     if (signal.aborted) break;
     const slotOffset = slot * plan.slotBytes;
     const label = `bucket ${b.index + 1}/${plan.buckets.length}`;
-    let h2dOps: OpId[];
+    let h2dOps: OpId[] = [];
     let bcastOp: OpId | undefined;
-    if (p.broadcast) {
-      const s = stageNext[b.owner]!++ % bufs.staging;
-      const stage = bufs.stage[b.owner]!;
-      h2dOps = [p.ops.add(ctx.h2d(stage, copyList(b, s * plan.slotBytes), lastStage[b.owner]![s]))];
+    const local = b.owner - p.firstRank;
+    if (p.broadcast && local >= 0 && local < p.ndev) {
+      const s = stageNext[local]!++ % bufs.staging;
+      const stage = bufs.stage[local]!;
+      h2dOps = [p.ops.add(ctx.h2d(stage, copyList(b, s * plan.slotBytes), lastStage[local]![s]))];
       bcastOp = p.ops.add(ctx.bcast(b.owner, stage, s * plan.slotBytes, bufs.ipc, slotOffset, b.bytes, h2dOps[0]));
-      lastStage[b.owner]![s] = bcastOp;
+      lastStage[local]![s] = bcastOp;
+    } else if (p.broadcast) {
+      // Another host owns the bucket: its bytes arrive through the communicator.
+      bcastOp = p.ops.add(ctx.bcast(b.owner, null, 0, bufs.ipc, slotOffset, b.bytes));
     } else {
       // Straight into every device's slot; on the CPU backend the copies run on threads side by side.
       h2dOps = devices.map((d) => p.ops.add(ctx.h2d(bufs.ipc[d]!, copyList(b, slotOffset))));
@@ -140,7 +147,7 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
         }),
       );
       const spans = h.map(gpuMs);
-      const h2d: [number, number] = [Math.min(...spans.map((s) => s[0])), Math.max(...spans.map((s) => s[1]))];
+      const h2d: [number, number] | undefined = spans.length ? [Math.min(...spans.map((s) => s[0])), Math.max(...spans.map((s) => s[1]))] : undefined;
       trace.push({ index: b.index, owner: b.owner, slot, bytes: b.bytes, tensors: b.tensors.length, h2d, bcast: bc && gpuMs(bc), reload });
       bytesDone += b.tensors.reduce((s, t) => s + t.nbytes, 0);
       p.onProgress?.({ done: trace.length, total: plan.buckets.length, bytesDone, bytesTotal: plan.totalBytes });

@@ -103,7 +103,7 @@ export function traceEvents(s: UpdateSummary): TraceEvent[] {
     events.push({ name, cat, ph: "X", ts: t[0] * 1000, dur: Math.max(0, t[1] - t[0]) * 1000, pid, tid, args });
   for (const b of s.trace) {
     const args = { bucket: b.index, owner: b.owner, slot: b.slot, bytes: b.bytes, tensors: b.tensors };
-    span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
+    if (b.h2d) span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
     if (b.bcast) s.devices.forEach((_, d) => span(`bcast ${b.index}`, "bcast", d, 1, b.bcast!, args));
     b.reload.forEach((r, d) => span(`reload ${b.index}`, "reload", d, 2, r, args));
   }

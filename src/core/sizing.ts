@@ -179,6 +179,8 @@ export interface UpdateSizingInput {
   ndev: number;
   /** Owners H2D into their staging buffers and broadcast; otherwise every device's slot is filled by its own H2D. */
   broadcast: boolean;
+  /** The tensors each rank owns, when the caller decides (a cluster: owners on the host holding the bytes). */
+  perRank?: TensorRef[][];
   /** Smallest free memory over the devices, counting what the session holds already. */
   freeBytes: number;
   bucketBytes?: number;
@@ -208,7 +210,7 @@ export function planUpdate(input: UpdateSizingInput): UpdatePlan {
     defaultBucketBytes: cpu ? CPU_BUCKET_BYTES : undefined,
     defaultSlots: cpu ? CPU_SLOTS : undefined,
   });
-  const perRank = input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors];
+  const perRank = input.perRank ?? (input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);
   const plan = planBuckets({ perRank, bucketBytes: size.bucketBytes });
   const n = Math.max(1, plan.buckets.length);
   return { plan, slots: Math.min(size.slots, n), staging: Math.min(size.staging, n), fallbacks: size.fallbacks };

@@ -13,10 +13,10 @@ import type { Dialect } from "../wire/dialect";
 import { ceDialect } from "../wire/protocol";
 import { SlotBuffers } from "./buffers";
 import { WorkerChannel } from "./channel";
-import { Communicators } from "./comm";
+import { type CommSpec, Communicators } from "./comm";
 import type { Device } from "./devices";
 import { PendingOps, type Progress, runPipeline } from "./pipeline";
-import { tensorRefs } from "./planner";
+import { type Plan, tensorRefs } from "./planner";
 import { type PhaseMarks, type UpdateSummary, buildSummary } from "./report";
 import { type UpdatePlan, planUpdate } from "./sizing";
 
@@ -46,6 +46,40 @@ export interface UpdateRequest {
 }
 
 /**
+ * This host's share of a cluster's update: host 0's plan (bucket owners are global ranks; the copies
+ * of this host's buckets name its own regions), its sizes, and the communicator to broadcast over.
+ */
+export interface ShareRequest {
+  reg: Registration;
+  plan: Plan;
+  slots: number;
+  staging: number;
+  fallbacks: string[];
+  firstRank: number;
+  comm: CommSpec;
+  /** every host's files, for receivers that verify against them */
+  files: string[];
+  timeoutMs: number;
+  onProgress?: (p: Progress) => void;
+}
+
+/** What one run needs, however it was planned. */
+interface Run {
+  reg: Registration;
+  plan: Plan;
+  slots: number;
+  staging: number;
+  fallbacks: string[];
+  firstRank: number;
+  broadcast: boolean;
+  files: string[];
+  timeoutMs: number;
+  comm: (signal: AbortSignal) => Promise<void>;
+  onProgress?: (p: Progress) => void;
+  t0: number;
+}
+
+/**
  * What stays up between updates: the context, the worker channel, the NCCL communicators and the
  * slot buffers (reused while the plan's sizes do not change).
  */
@@ -60,6 +94,8 @@ export class UpdateSession {
   readonly #watch = new EngineWatch();
   #busy = false;
   #closed = false;
+  /** Fails the update running now (set while one runs). */
+  #stop: ((reason: unknown) => void) | undefined;
 
   constructor(opts: SessionOptions) {
     this.#opts = opts;
@@ -116,36 +152,66 @@ export class UpdateSession {
     });
   }
 
-  async update(req: UpdateRequest): Promise<UpdateSummary> {
+  /** One update of this host alone. */
+  update(req: UpdateRequest): Promise<UpdateSummary> {
+    return this.#exclusive(async () => {
+      const t0 = performance.now();
+      // Refuse a checkpoint whose files changed since registration before anything moves.
+      await assertUnchanged(req.reg.ckpt);
+      const { plan, slots, staging, fallbacks } = this.plan(req.reg, req);
+      return this.#run({
+        ...req,
+        plan,
+        slots,
+        staging,
+        fallbacks,
+        firstRank: 0,
+        broadcast: this.broadcast,
+        files: req.reg.ckpt.files.map((f) => f.path),
+        comm: (signal) => this.#comm.ensureLocal(req.timeoutMs, signal),
+        t0,
+      });
+    });
+  }
+
+  /** This host's share of a cluster update (cluster/ plans it on host 0). */
+  updateShare(req: ShareRequest): Promise<UpdateSummary> {
+    return this.#exclusive(async () => {
+      const t0 = performance.now();
+      await assertUnchanged(req.reg.ckpt);
+      return this.#run({ ...req, broadcast: true, comm: (signal) => this.#comm.join(req.comm, req.timeoutMs, signal), t0 });
+    });
+  }
+
+  /** Stops the update running now, if any (another host failed): it fails with this reason. */
+  abortRunning(reason: unknown): void {
+    this.#stop?.(reason);
+  }
+
+  async #exclusive<T>(f: () => Promise<T>): Promise<T> {
     // After close() the sockets are gone; a failure path would otherwise bind new ones and restart workers.
     if (this.#closed) throw new CeError("E_SESSION_CLOSED", "the update session is closed");
     if (this.#busy) throw new CeError("E_BUSY", "an update is already running in this session");
     this.#busy = true;
     try {
-      return await this.#update(req);
+      return await f();
     } finally {
       this.#busy = false;
     }
   }
 
-  async #update(req: UpdateRequest): Promise<UpdateSummary> {
+  async #run(run: Run): Promise<UpdateSummary> {
     const { ctx, devices } = this;
-    const { reg } = req;
-    const t: PhaseMarks = { start: performance.now(), planned: 0, buffers: 0, opened: 0, data: 0, end: 0 };
-
-    // Refuse a checkpoint whose files changed since registration before anything moves.
-    await assertUnchanged(reg.ckpt);
-    const { plan, fallbacks, ...sized } = this.plan(reg, req);
+    const { reg, plan, fallbacks } = run;
+    const t: PhaseMarks = { start: run.t0, planned: performance.now(), buffers: 0, opened: 0, data: 0, end: 0 };
     for (const f of fallbacks) log.warn(f);
-    t.planned = performance.now();
-    const bufs = this.#buffers.acquire(plan.slotBytes, sized.slots, sized.staging, (f) => {
+    const bufs = this.#buffers.acquire(plan.slotBytes, run.slots, run.staging, (f) => {
       log.warn(f);
       fallbacks.push(f);
     });
     t.buffers = performance.now();
-    if (this.broadcast) await this.#comm.ensure(req.timeoutMs);
     log.debug(
-      `${plan.buckets.length} buckets of up to ${plan.slotBytes} bytes, ${bufs.slots} slots, ${bufs.staging} staging, ${this.broadcast ? "broadcast" : "direct"}`,
+      `${plan.buckets.length} buckets of up to ${plan.slotBytes} bytes, ${bufs.slots} slots, ${bufs.staging} staging, ${run.broadcast ? "broadcast" : "direct"}`,
     );
 
     // Any failure anywhere stops every wait at once; the first cause is what the user sees.
@@ -155,14 +221,16 @@ export class UpdateSession {
       if (cause === undefined) cause = err;
       if (!stop.signal.aborted) stop.abort(err);
     };
-    const deadline = setTimeout(() => fail(new TimeoutError(`update of ${reg.ckpt.root} not done after ${req.timeoutMs} ms`)), req.timeoutMs);
+    const deadline = setTimeout(() => fail(new TimeoutError(`update of ${reg.ckpt.root} not done after ${run.timeoutMs} ms`)), run.timeoutMs);
     const unwatch = this.#watch.follow(this.engine.failure, fail);
-    const engineCall = this.engine.trigger(this.endpoints, req.timeoutMs);
-    engineCall.catch(fail);
+    this.#stop = fail;
     const ops = new PendingOps(ctx);
 
     let trace;
     try {
+      if (run.broadcast) await run.comm(stop.signal);
+      const engineCall = this.engine.trigger(this.endpoints, run.timeoutMs);
+      engineCall.catch(fail);
       // The first buckets' H2D runs while the workers map the buffer: opening a CUDA IPC handle takes
       // milliseconds that would otherwise sit before the data path. Loads wait for it.
       const opened = this.#channel
@@ -178,7 +246,7 @@ export class UpdateSession {
             slotBytes: plan.slotBytes,
             path: ctx.backend === "cpu" ? bufs.ipc[d]!.path() : "",
             handle: bufs.handles[d],
-            files: reg.ckpt.files.map((f) => f.path),
+            files: run.files,
             buckets: plan.buckets.length,
             tensors: plan.tensorCount,
             bytes: plan.totalBytes,
@@ -194,15 +262,16 @@ export class UpdateSession {
         plan,
         bufs,
         ndev: devices.length,
-        broadcast: this.broadcast,
+        broadcast: run.broadcast,
+        firstRank: run.firstRank,
         channel: this.#channel,
         ops,
         opened,
-        timeoutMs: req.timeoutMs,
+        timeoutMs: run.timeoutMs,
         signal: stop.signal,
         fail,
         t0: t.start,
-        onProgress: req.onProgress,
+        onProgress: run.onProgress,
       });
       if (stop.signal.aborted) throw cause;
       t.data = performance.now();
@@ -222,6 +291,7 @@ export class UpdateSession {
     } finally {
       clearTimeout(deadline);
       unwatch();
+      this.#stop = undefined;
     }
     t.end = performance.now();
     return buildSummary(
@@ -238,7 +308,7 @@ export class UpdateSession {
         slotBytes: plan.slotBytes,
         slots: bufs.slots,
         staging: bufs.staging,
-        mode: this.broadcast ? "broadcast" : "direct",
+        mode: run.broadcast ? "broadcast" : "direct",
         fallbacks,
         registerSeconds: reg.registerSeconds,
         inPlace: reg.inPlace,

@@ -18,13 +18,22 @@ const MAY_IMPORT: Record<string, string[]> = {
   worker: ["base", "native", "transport", "wire", "checkpoint"],
   bench: ["base", "native", "core"],
   app: ["base", "native", "core", "engines", "wire", "checkpoint"],
-  serve: ["base", "core", "checkpoint", "app"],
-  commands: ["base", "native", "transport", "wire", "checkpoint", "core", "engines", "worker", "bench", "app", "serve"],
+  cluster: ["base", "native", "transport", "wire", "checkpoint", "core"],
+  serve: ["base", "core", "checkpoint", "app", "cluster"],
+  commands: ["base", "native", "transport", "wire", "checkpoint", "core", "engines", "worker", "bench", "app", "cluster", "serve"],
   ".": ["base", "commands"],
 };
 
 /** Pure parts: no I/O of their own, so no node: or bun: modules (the tests drive them with plain data). */
-const PURE = ["src/core/planner.ts", "src/core/sizing.ts", "src/wire/protocol.ts", "src/wire/dialect.ts"];
+const PURE = [
+  "src/core/planner.ts",
+  "src/core/sizing.ts",
+  "src/cluster/plan.ts",
+  "src/wire/protocol.ts",
+  "src/wire/dialect.ts",
+  "src/wire/pickle.ts",
+  "src/wire/checkpoint-engine.ts",
+];
 
 function files(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) =>

@@ -1,0 +1,76 @@
+// One plan for a checkpoint spread over hosts: each host holds some files, host 0 plans every bucket.
+// Owners are ranks of the host that holds the bytes (a bucket never mixes hosts), and the planner
+// interleaves every rank of every host, so all hosts' H2D links work at once. Pure.
+import { InputError } from "../base/errors";
+import type { Backend } from "../base/backend";
+import { type TensorRef, spreadOverRanks } from "../core/planner";
+import { type UpdatePlan, planUpdate } from "../core/sizing";
+
+/** What one host says it holds of a checkpoint, and the room it has. */
+export interface HostPart {
+  host: number;
+  /** Global rank of the host's first device; its devices are firstRank … firstRank + ndev − 1. */
+  firstRank: number;
+  ndev: number;
+  /** Smallest free device memory of the host, counting the buffers it holds already. */
+  freeBytes: number;
+  version: number;
+  files: { path: string; tensors: { name: string; dtype: string; shape: number[]; nbytes: number; offset: number }[] }[];
+}
+
+export interface ClusterPlan extends UpdatePlan {
+  /** Region r of the plan's copies is files[r]: the file `path` on host `host`. */
+  files: { host: number; path: string }[];
+  nranks: number;
+}
+
+export function planCluster(input: {
+  checkpoint: string;
+  backend: Backend;
+  parts: HostPart[];
+  bucketBytes?: number;
+  slots?: number;
+}): ClusterPlan {
+  const parts = [...input.parts].sort((a, b) => a.host - b.host);
+  const versions = new Set(parts.map((p) => p.version));
+  if (versions.size > 1) {
+    throw new InputError(
+      "E_CLUSTER_VERSION",
+      `hosts hold different versions of "${input.checkpoint}": ${parts.map((p) => `host ${p.host} has ${p.version}`).join(", ")}`,
+      { hint: "register the same name and version on every host" },
+    );
+  }
+  const files: { host: number; path: string }[] = [];
+  const holder = new Map<string, number>();
+  const perRank: TensorRef[][] = [];
+  for (const p of parts) {
+    if (p.firstRank !== perRank.length) throw new RangeError(`host ${p.host}: first rank ${p.firstRank}, expected ${perRank.length}`);
+    const refs: TensorRef[] = [];
+    for (const f of p.files) {
+      const region = files.push({ host: p.host, path: f.path }) - 1;
+      for (const t of f.tensors) {
+        const other = holder.get(t.name);
+        if (other !== undefined) {
+          throw new InputError("E_CLUSTER_DUPLICATE", `tensor "${t.name}" of "${input.checkpoint}" is held by host ${other} and host ${p.host}`, {
+            hint: "each tensor must be registered on exactly one host",
+          });
+        }
+        holder.set(t.name, p.host);
+        refs.push({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, region, offset: t.offset });
+      }
+    }
+    perRank.push(...spreadOverRanks(refs, p.ndev));
+  }
+  const nranks = parts.reduce((s, p) => s + p.ndev, 0);
+  const planned = planUpdate({
+    backend: input.backend,
+    tensors: perRank.flat(),
+    perRank,
+    ndev: nranks,
+    broadcast: true,
+    freeBytes: Math.min(...parts.map((p) => p.freeBytes)),
+    bucketBytes: input.bucketBytes,
+    slots: input.slots,
+  });
+  return { ...planned, files, nranks };
+}
