@@ -2,13 +2,21 @@
 // are dlopen'd at run time), then dist/ce with `bun build --compile`.
 //   bun build.ts            both
 //   bun build.ts --lib      libce.so only (what the tests need)
+//   bun build.ts --sanitize dist/asan/libce.so only, with AddressSanitizer and UBSan (-O1, every
+//                           UB report fatal). A dlopen'd sanitized library needs the ASan runtime
+//                           loaded first, and Bun's own allocations are not ours to leak-check:
+//     CE_LIB=dist/asan/libce.so LD_PRELOAD=$(cc -print-file-name=libasan.so) \
+//     ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+//     bun test test/gpu/native.test.ts test/integration/native-faults.test.ts
+//   (child processes inherit the variables, so the rank and worker processes run sanitized too)
 import { $ } from "bun";
 import { mkdirSync, readdirSync, statSync } from "node:fs";
 import { join } from "node:path";
 
 const root = import.meta.dir;
 const dist = join(root, "dist");
-const libOnly = process.argv.includes("--lib");
+const sanitize = process.argv.includes("--sanitize");
+const libOnly = sanitize || process.argv.includes("--lib");
 
 function newest(dir: string, ext: string[]): number {
   return Math.max(
@@ -30,13 +38,18 @@ function mtime(path: string): number {
 mkdirSync(dist, { recursive: true });
 
 const csrc = join(root, "csrc");
-const lib = join(dist, "libce.so");
-if (mtime(lib) < newest(csrc, [".c", ".h"])) {
+const libDir = sanitize ? join(dist, "asan") : dist;
+mkdirSync(libDir, { recursive: true });
+const lib = join(libDir, "libce.so");
+if (mtime(lib) < Math.max(newest(csrc, [".c", ".h"]), mtime(join(root, "build.ts")))) {
   const sources = readdirSync(csrc)
     .filter((f) => f.endsWith(".c"))
     .map((f) => join(csrc, f));
   const cc = process.env.CC ?? "cc";
-  await $`${cc} -std=c11 -O2 -g -Wall -Wextra -Werror -fPIC -shared -fvisibility=hidden -o ${lib} ${sources} -ldl -lpthread`;
+  const flags = sanitize
+    ? ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    : ["-O2"];
+  await $`${cc} -std=c11 ${flags} -g -Wall -Wextra -Werror -fPIC -shared -fvisibility=hidden -o ${lib} ${sources} -ldl -lpthread`;
   console.error(`built ${lib}`);
 }
 

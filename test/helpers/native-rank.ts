@@ -73,7 +73,15 @@ async function bcast(req: Req): Promise<Record<string, unknown>> {
     const t0 = performance.now();
     const op = c.bcast(root, src, 0, dsts, 0, bytes, h2d);
     say({ n: req.n, event: "submitted" });
-    await c.wait(op, { timeoutMs: (req.waitMs as number) ?? 60_000, what: `broadcast from rank ${root}` });
+    try {
+      await c.wait(op, { timeoutMs: (req.waitMs as number) ?? 60_000, what: `broadcast from rank ${root}` });
+    } catch (err) {
+      if (err instanceof NativeError) throw err;
+      // Past its deadline (a kernel stuck on a dead peer): what ce does, abort and collect the op.
+      c.commAbort();
+      await c.wait(op, { timeoutMs: 60_000, what: `broadcast from rank ${root}, aborted` });
+      throw err; // not reached: an op of an aborted generation fails
+    }
     const ms = performance.now() - t0;
     const want = pattern(bytes, seed);
     const mismatches = dsts.map((b) => firstDifference(b.read(0, bytes), want));

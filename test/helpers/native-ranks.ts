@@ -17,18 +17,19 @@ export class RankProc {
   readonly exited: Promise<number>;
 
   constructor(opts: { backend?: "cpu" | "cuda"; devices?: number[]; env?: Record<string, string> } = {}) {
-    this.proc = Bun.spawn([process.execPath, HELPER, opts.backend ?? "cpu", (opts.devices ?? [0]).join(",")], {
+    const proc = Bun.spawn([process.execPath, HELPER, opts.backend ?? "cpu", (opts.devices ?? [0]).join(",")], {
       stdin: "pipe",
       stdout: "pipe",
       stderr: "pipe",
       env: { ...process.env, ...opts.env },
     });
+    this.proc = proc;
     let readyResolve!: (r: Reply) => void;
     this.ready = new Promise((r) => (readyResolve = r));
-    this.exited = this.proc.exited;
+    this.exited = proc.exited;
     void (async () => {
       const dec = new TextDecoder();
-      for await (const chunk of this.proc.stdout) {
+      for await (const chunk of proc.stdout) {
         this.#buffer += dec.decode(chunk);
         let nl: number;
         while ((nl = this.#buffer.indexOf("\n")) >= 0) {
@@ -50,7 +51,7 @@ export class RankProc {
     })();
     void (async () => {
       const dec = new TextDecoder();
-      for await (const chunk of this.proc.stderr) this.#stderr += dec.decode(chunk);
+      for await (const chunk of proc.stderr) this.#stderr += dec.decode(chunk);
     })();
   }
 
