@@ -4,6 +4,7 @@ import { logger } from "../base/log";
 import { type BackendChoice, type DeviceSelection, type DeviceSet, resolveDevices } from "../core/devices";
 import { UpdateSession } from "../core/update";
 import { HttpEngine } from "../engines/http";
+import { SglangEngine } from "../engines/sglang";
 import type { Engine } from "../engines/types";
 import { type WorkerKind, WorkersEngine } from "../engines/workers";
 import { Ctx } from "../native/ce";
@@ -14,7 +15,8 @@ const log = logger("setup");
 /** The engine to trigger: ce's own receivers, or a running engine's HTTP route. */
 export type EngineSpec =
   | { kind: "workers"; worker: WorkerKind; verify: boolean; /** interpreter for python workers */ python?: string }
-  | { kind: "vllm" | "external"; endpoint: string; /** vllm: drop the prefix cache after an update */ resetPrefixCache?: boolean };
+  | { kind: "vllm" | "external"; endpoint: string; /** vllm: drop the prefix cache after an update */ resetPrefixCache?: boolean; summaries?: boolean }
+  | { kind: "sglang"; endpoint: string; flushCache?: boolean; weightVersion?: string };
 
 export interface UpdaterOptions {
   backend: BackendChoice;
@@ -47,8 +49,10 @@ export async function openUpdater(opts: UpdaterOptions): Promise<Updater> {
   if (spec.kind === "workers") {
     workers = new WorkersEngine(spec.worker, set.backend, set.devices, { verify: spec.verify, python: spec.python });
     engine = workers;
+  } else if (spec.kind === "sglang") {
+    engine = new SglangEngine(spec.endpoint, { flushCache: spec.flushCache, weightVersion: spec.weightVersion });
   } else {
-    engine = new HttpEngine(spec.kind, spec.endpoint, { resetPrefixCache: spec.resetPrefixCache });
+    engine = new HttpEngine(spec.kind, spec.endpoint, { resetPrefixCache: spec.resetPrefixCache, summaries: spec.summaries });
   }
   const session = new UpdateSession({
     ctx,

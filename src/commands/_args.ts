@@ -5,6 +5,7 @@ import { config } from "../base/config";
 import { UsageError } from "../base/errors";
 import { parseDuration, parseSize } from "../base/units";
 import type { BackendChoice, DeviceSelection } from "../core/devices";
+import { checkpointEngineDialect } from "../wire/checkpoint-engine";
 
 export const outputArgs = {
   json: { type: "boolean", description: "print one JSON result on stdout (logs stay on stderr)", default: false },
@@ -30,7 +31,17 @@ export const planArgs = {
 } as const satisfies Record<string, ArgDef>;
 
 export const engineArgs = {
-  engine: { type: "string", description: "vllm, external, or workers (ce starts its own receivers); default: vllm with --endpoint, else workers", valueHint: "KIND" },
+  engine: {
+    type: "string",
+    description: "vllm, sglang, external, or workers (ce starts its own receivers); default: vllm with --endpoint, else workers",
+    valueHint: "KIND",
+  },
+  protocol: {
+    type: "string",
+    description: "what the engine's workers speak: ce (JSON frames) or checkpoint-engine (the reference system's worker loop, unchanged)",
+    default: "ce",
+    valueHint: "ce|checkpoint-engine",
+  },
   endpoint: { type: "string", description: "the engine's URL (vllm: the server, e.g. http://127.0.0.1:8000; external: the exact URL)", valueHint: "URL" },
   worker: { type: "string", description: "with --engine workers: ref (built-in, no Python) or python (torch)", valueHint: "ref|python" },
   verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
@@ -40,6 +51,8 @@ export const engineArgs = {
     description: "vllm: POST /reset_prefix_cache after an update, so no KV computed with the old weights is reused",
     default: true,
   },
+  "flush-cache": { type: "boolean", description: "sglang: flush the prefix cache with the update (SGLang's flush_cache)", default: true },
+  "weight-version": { type: "string", description: "sglang: the weight_version SGLang reports for the new weights", valueHint: "VERSION" },
 } as const satisfies Record<string, ArgDef>;
 
 // From flags to typed options: every check that names a flag lives here, before anything slow runs
@@ -85,24 +98,46 @@ export function deviceOptions(args: { device?: string; devices?: string }): { ba
   return { backend: b, select: { ordinals } };
 }
 
-/** --engine, --endpoint, --worker and --verify: what to trigger. */
-export function engineOptions(args: { engine?: string; endpoint?: string; worker?: string; verify?: boolean; "reset-prefix-cache"?: boolean }): EngineSpec {
+interface EngineFlags {
+  engine?: string;
+  endpoint?: string;
+  worker?: string;
+  verify?: boolean;
+  protocol?: string;
+  "reset-prefix-cache"?: boolean;
+  "flush-cache"?: boolean;
+  "weight-version"?: string;
+}
+
+/** --engine, --endpoint, --worker, --verify and the engines' own flags: what to trigger. */
+export function engineOptions(args: EngineFlags): EngineSpec {
   const kind = args.engine ?? (args.endpoint ? "vllm" : "workers");
+  const reference = protocolOf(args) === "checkpoint-engine";
   if (kind === "workers") {
+    if (reference) throw new UsageError("--protocol checkpoint-engine drives a running engine's workers: use --engine vllm or sglang with --endpoint");
     const worker = args.worker ?? "ref";
     if (worker !== "ref" && worker !== "python") throw new UsageError(`--worker "${worker}": use ref or python`);
     return { kind, worker, verify: args.verify ?? true, python: config.CE_PYTHON };
   }
-  if (kind !== "vllm" && kind !== "external") throw new UsageError(`--engine "${kind}": use vllm, external or workers`);
+  if (kind !== "vllm" && kind !== "sglang" && kind !== "external") throw new UsageError(`--engine "${kind}": use vllm, sglang, external or workers`);
   if (!args.endpoint) throw new UsageError(`--engine ${kind} needs --endpoint URL`);
-  return { kind, endpoint: args.endpoint, resetPrefixCache: args["reset-prefix-cache"] ?? true };
+  if (kind === "sglang") return { kind, endpoint: args.endpoint, flushCache: args["flush-cache"] ?? true, weightVersion: args["weight-version"] };
+  // The reference extension returns None from its RPC: no summaries to check.
+  return { kind, endpoint: args.endpoint, resetPrefixCache: args["reset-prefix-cache"] ?? true, summaries: !reference };
+}
+
+function protocolOf(args: { protocol?: string }): "ce" | "checkpoint-engine" {
+  const p = args.protocol ?? "ce";
+  if (p !== "ce" && p !== "checkpoint-engine") throw new UsageError(`--protocol "${p}": use ce or checkpoint-engine`);
+  return p;
 }
 
 /** Everything openUpdater needs from the shared engine and device flags. */
-export function updaterOptions(args: Parameters<typeof engineOptions>[0] & Parameters<typeof deviceOptions>[0] & { broadcast?: boolean }): UpdaterOptions {
+export function updaterOptions(args: EngineFlags & Parameters<typeof deviceOptions>[0] & { broadcast?: boolean }): UpdaterOptions {
   return {
     ...deviceOptions(args),
     engine: engineOptions(args),
+    dialect: protocolOf(args) === "checkpoint-engine" ? checkpointEngineDialect : undefined,
     opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
     forceBroadcast: args.broadcast ?? false,
   };

@@ -98,11 +98,11 @@ export class WorkerChannel {
 
   /** Tells every worker to drop its mapping and keep serving; never throws, never waits long. */
   async abort(reason: string): Promise<void> {
-    await Promise.all(
-      this.#sockets.map((sock) =>
-        sock.request(this.#opts.dialect.abort(reason), { timeoutMs: ABORT_REPLY_TIMEOUT_MS, what: "reply to abort" }).catch(() => undefined),
-      ),
-    );
+    const frames = this.#opts.dialect.abort(reason);
+    // A worker that never answers abort (the reference system's raises it) is only told.
+    const answers = this.#opts.dialect.replies?.("abort") ?? true;
+    const opts = { timeoutMs: ABORT_REPLY_TIMEOUT_MS, what: "reply to abort" };
+    await Promise.all(this.#sockets.map((sock) => (answers ? sock.request(frames, opts) : sock.send(frames, opts)).catch(() => undefined)));
   }
 
   #all(step: Step, frames: (d: number) => Uint8Array[], what: string, signal?: AbortSignal): Promise<StepReply[]> {

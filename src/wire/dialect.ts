@@ -62,4 +62,6 @@ export interface Dialect {
   abort(reason: string): Uint8Array[];
   /** Reads a reply; throws (any error) when the frames are not a reply of this dialect, naming why. */
   reply(frames: Uint8Array[], step: Step): StepReply;
+  /** Whether the worker answers this step (default: every step). */
+  replies?(step: Step): boolean;
 }
