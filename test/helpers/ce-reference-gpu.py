@@ -36,7 +36,18 @@ def emit(**event):
     print(json.dumps(event), flush=True)
 
 
+def shim_missing_modules():
+    """pyzmq and loguru where the host lacks them (GPU hosts without network): the stand-ins in pyshim/."""
+    import importlib.util
+
+    missing = [m for m in ("zmq", "loguru") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyshim"))
+    return missing
+
+
 def main():
+    shimmed = shim_missing_modules()
     worker = load_reference_worker()
     import torch
     import zmq
@@ -46,7 +57,8 @@ def main():
             raise SystemExit(f"torch {torch.__version__} has no dtype.itemsize, which the reference worker uses (torch >= 2.1)")
         if not torch.cuda.is_available():
             raise SystemExit(f"torch {torch.__version__} sees no CUDA device")
-        print(f"torch {torch.__version__}, pyzmq {zmq.__version__}, {worker.__file__}")
+        shim = f" (stand-ins for {', '.join(shimmed)})" if shimmed else ""
+        print(f"torch {torch.__version__}, pyzmq {zmq.__version__}, {worker.__file__}{shim}")
         return
     endpoint, device_id = sys.argv[1], int(sys.argv[2])
     torch.cuda.set_device(device_id)
