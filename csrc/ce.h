@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10200
+#define CE_ABI_VERSION 10300
 
 /* Status codes. */
 #define CE_OK 0
@@ -186,6 +186,27 @@ CE_API int ce_d2d_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint
  * is 0 when equal, else 1 + the offset of the first differing byte. Async. */
 CE_API int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, uint32_t region, uint64_t region_offset,
                       uint64_t bytes, uint64_t *op_out);
+
+/* ---- digests (docs/digest.md) ---- */
+
+/* The digest of `bytes` bytes at data (docs/digest.md: 16 lowercase hex digits of digest_out).
+ * Blocks for the computation, one thread (~9 GB/s): for small inputs and tests. */
+CE_API int ce_digest_bytes(const void *data, uint64_t bytes, uint64_t *digest_out);
+/* Digests spans of regions: spans holds (region, region_offset, bytes) triples, one tensor each;
+ * digest i is span i's. Runs on up to `threads` threads (a span is cut into 16 MiB pieces, so one
+ * large tensor uses them all). Starts after op `after` (0: none; a thread op such as a file read,
+ * CE_E_STATE for a GPU op). Async: collect with ce_digest_collect; the spans array is copied. */
+CE_API int ce_digest_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t after,
+                            uint64_t *op_out);
+/* As ce_digest_submit over a CPU-backend buffer's host memory: (buf_offset, bytes) pairs.
+ * CE_E_INVAL for a GPU buffer (a worker digests that with torch). */
+CE_API int ce_buf_digest_submit(ce_ctx_t *ctx, ce_buf_t *buf, const uint64_t *spans, uint64_t nspans, int threads,
+                                uint64_t after, uint64_t *op_out);
+/* ce_op_poll for a digest op that also copies its nspans digests into digests (room for len)
+ * once done: CE_INPROGRESS, or CE_OK with digests written and the op collected, or its error.
+ * CE_E_INVAL (op not collected) when len is too small. Never blocks. (ce_op_poll collects a
+ * digest op too, discarding its digests.) */
+CE_API int ce_digest_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *digests, uint64_t len);
 
 /* ---- communicators ---- */
 

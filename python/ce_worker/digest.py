@@ -1,0 +1,169 @@
+"""Tensor digests (docs/digest.md), computed with plain torch integer ops on the tensor's device.
+
+The definition, which libce computes on threads over pinned host memory (csrc/digest.c):
+
+    w_i = the int32 read little-endian from bytes 4i..4i+3 (zero-padded past the end)
+    S   = sum_i w_i * (2i + 1)                mod 2^64
+    x   = S + 0x9E3779B97F4A7C15 * (L + 1)    mod 2^64     (L: the tensor's byte length)
+    digest = fmix64(x)                                     (MurmurHash3's finalizer)
+
+On the GPU no intermediate value ever leaves int64's range, so nothing relies on int64 wrapping:
+the words are laid out as chunks of ROWS x COLS (2^22 words, 16 MiB), and per chunk k
+
+    rho_r = sum_c w[r, c]      (torch.sum(dim=2, dtype=int64) over int32: no int64 copy of the words)
+    gam_c = sum_r w[r, c]
+    T_k = sum_r rho_r,  A_k = sum_r r * rho_r,  B_k = sum_c c * gam_c
+
+are exact (|A_k|, |B_k| < 2^63), and with i = (k*ROWS + r)*COLS + c
+
+    S = sum_k (2*k*ROWS*COLS + 1) * T_k + 2*COLS*A_k + 2*B_k     mod 2^64
+
+is finished in Python integers from the few values per 16 MiB (one device-to-host copy per call
+of tensor_digests). Each pass reads the words twice (two reductions) and allocates at most a
+64 MiB piece's worth of temporaries beyond the tensor (plus a copy of a piece whose bytes do not
+start 4-aligned, and of a whole non-contiguous tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+MASK = (1 << 64) - 1
+LENGTH_K = 0x9E3779B97F4A7C15
+COLS = 2048
+ROWS = 2048
+CHUNK_WORDS = ROWS * COLS
+# Chunks reduced per pass: bounds the temporaries of one pass to a 64 MiB piece.
+PIECE_CHUNKS = 4
+
+
+def fmix64(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer: a bijection of 64-bit values."""
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & MASK
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & MASK
+    k ^= k >> 33
+    return k
+
+
+def finish(weighted_sum: int, nbytes: int) -> int:
+    """The digest from S (any integer; taken mod 2^64) and the byte length L."""
+    return fmix64((weighted_sum + LENGTH_K * (nbytes + 1)) & MASK)
+
+
+def format_digest(digest: int) -> str:
+    """16 lowercase hex digits, as digests travel in frames and logs."""
+    return f"{digest:016x}"
+
+
+def parse_digest(text: str) -> int:
+    if len(text) != 16 or any(ch not in "0123456789abcdef" for ch in text):
+        raise ValueError(f"digest {text!r} is not 16 lowercase hex digits")
+    return int(text, 16)
+
+
+def reference_digest(data: bytes) -> int:
+    """The definition word by word, in pure Python: the spec's reference, for tiny inputs and tests."""
+    s = 0
+    for i in range((len(data) + 3) // 4):
+        word = data[4 * i:4 * i + 4].ljust(4, b"\0")
+        s += int.from_bytes(word, "little", signed=True) * (2 * i + 1)
+    return finish(s, len(data))
+
+
+def tensor_digest(t: torch.Tensor) -> int:
+    """The digest of a tensor's bytes (any dtype, CPU or CUDA), as int. Syncs with its device."""
+    return tensor_digests([t])[0]
+
+
+def tensor_digests(tensors: Sequence[torch.Tensor]) -> List[int]:
+    """Digests of many tensors with one device-to-host copy per device (verify of a whole bucket)."""
+    jobs = [_partials(t) for t in tensors]
+    by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for _, parts in jobs:
+        for _, p in parts:
+            by_device.setdefault(p.device, []).append(p)
+    values: Dict[torch.device, List[List[int]]] = {
+        dev: torch.cat(ps).cpu().tolist() for dev, ps in by_device.items()
+    }
+    taken = {dev: 0 for dev in values}
+    out = []
+    for nbytes, parts in jobs:
+        s = 0
+        for k0, p in parts:
+            rows = values[p.device][taken[p.device]:taken[p.device] + p.shape[0]]
+            taken[p.device] += p.shape[0]
+            for k, (t_k, a_k, b_k) in enumerate(rows, start=k0):
+                s += (2 * k * CHUNK_WORDS + 1) * t_k + 2 * COLS * a_k + 2 * b_k
+        out.append(finish(s, nbytes))
+    return out
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 view (a copy only when it is not contiguous)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat = t.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def _words(b: torch.Tensor, start: int, nwords: int) -> torch.Tensor:
+    """nwords int32 words of b from byte start (4-aligned in the tensor); copied when not 4-aligned in memory."""
+    seg = b[start:start + 4 * nwords]
+    if (seg.storage_offset() % 4) != 0:
+        seg = seg.clone()
+    return seg.view(torch.int32)
+
+
+_INDEX: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _index(device: torch.device, n: int) -> torch.Tensor:
+    key = (device, n)
+    if key not in _INDEX:
+        _INDEX[key] = torch.arange(n, dtype=torch.int64, device=device)
+    return _INDEX[key]
+
+
+def _chunk_sums(x: torch.Tensor) -> torch.Tensor:
+    """[K, R, C] int32 words -> [K, 3] int64 (T, A, B) per chunk, exact."""
+    rho = x.sum(dim=2, dtype=torch.int64)
+    gam = x.sum(dim=1, dtype=torch.int64)
+    r = _index(x.device, x.shape[1])
+    c = _index(x.device, x.shape[2])
+    return torch.stack([rho.sum(dim=1), (rho * r).sum(dim=1), (gam * c).sum(dim=1)], dim=1)
+
+
+def _partials(t: torch.Tensor) -> Tuple[int, List[Tuple[int, torch.Tensor]]]:
+    """(L, [(first chunk index, [K, 3] sums on t's device)]) for one tensor."""
+    b = _as_bytes(t)
+    nbytes = b.numel()
+    nwords = nbytes // 4
+    full_chunks = nwords // CHUNK_WORDS
+    parts: List[Tuple[int, torch.Tensor]] = []
+    for k0 in range(0, full_chunks, PIECE_CHUNKS):
+        k = min(PIECE_CHUNKS, full_chunks - k0)
+        x = _words(b, 4 * k0 * CHUNK_WORDS, k * CHUNK_WORDS).view(k, ROWS, COLS)
+        parts.append((k0, _chunk_sums(x)))
+    # The last, partial chunk: its whole rows, then its last row (with the byte tail) zero-padded.
+    start_word = full_chunks * CHUNK_WORDS
+    if nbytes > 4 * start_word:
+        whole_rows = (nwords - start_word) // COLS
+        sums = []
+        if whole_rows:
+            x = _words(b, 4 * start_word, whole_rows * COLS).view(1, whole_rows, COLS)
+            sums.append(_chunk_sums(x))
+        rest = b[4 * (start_word + whole_rows * COLS):]
+        if rest.numel():
+            row = torch.zeros(4 * COLS, dtype=torch.uint8, device=b.device)
+            row[:rest.numel()] = rest
+            w = row.view(torch.int32).to(torch.int64)
+            rowsum = w.sum()
+            c = _index(b.device, COLS)
+            # the row sits at row index whole_rows of the chunk
+            sums.append(torch.stack([rowsum, rowsum * whole_rows, (w * c).sum()]).view(1, 3))
+        parts.append((full_chunks, sums[0] if len(sums) == 1 else (sums[0] + sums[1])))
+    return nbytes, parts
