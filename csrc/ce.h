@@ -194,7 +194,7 @@ CE_API int ce_compare_submit(ce_ctx_t *ctx, ce_buf_t *buf, uint64_t buf_offset, 
 CE_API int ce_digest_bytes(const void *data, uint64_t bytes, uint64_t *digest_out);
 /* Digests spans of regions: spans holds (region, region_offset, bytes) triples, one tensor each;
  * digest i is span i's. Runs on up to `threads` threads (a span is cut into 16 MiB pieces, so one
- * large tensor uses them all). Starts after op `after` (0: none; a thread op such as a file read,
+ * large tensor uses them all; 1 … 64). Starts after op `after` (0: none; a thread op such as a file read,
  * CE_E_STATE for a GPU op). Async: collect with ce_digest_collect; the spans array is copied. */
 CE_API int ce_digest_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t after,
                             uint64_t *op_out);
