@@ -10,6 +10,7 @@ import { checkFlags } from "./commands/_flags";
 const subCommands: Record<string, () => Promise<CommandDef<any>>> = {
   update: () => import("./commands/update").then((m) => m.default),
   serve: () => import("./commands/serve").then((m) => m.default),
+  status: () => import("./commands/status").then((m) => m.default),
   inspect: () => import("./commands/inspect").then((m) => m.default),
   doctor: () => import("./commands/doctor").then((m) => m.default),
   bench: () => import("./commands/bench").then((m) => m.default),

@@ -22,6 +22,19 @@ export const ENV = [
   { name: "CE_SHM_DIR", default: "/dev/shm", doc: "where CPU-backend slot buffers and synthetic checkpoints live" },
   { name: "CE_PYTHON", default: "python3", doc: "Python interpreter for --worker python" },
   { name: "CE_LOG_LEVEL", flag: "--log-level", default: "info", doc: "silent, warn, info, debug or trace" },
+  { name: "CE_CLUSTER_SECRET", default: "", doc: "shared secret of a cluster (16+ characters, the same on every host); or --secret-file" },
+  { name: "CE_JOIN_TIMEOUT", default: "5m", doc: "how long hosts may take to join before an update names the missing ones as down" },
+  { name: "CE_HEARTBEAT", default: "1s", doc: "cluster heartbeat; a host silent for 3 beats is down and aborts the update running" },
+  // The launchers' variables, read when the flags are not given (torchrun, Slurm, and the usual pair).
+  { name: "MASTER_ADDR", flag: "--master-addr", default: "127.0.0.1", doc: "host 0's address (torchrun, Slurm scripts)" },
+  { name: "MASTER_PORT", flag: "--master-port", default: "8712", doc: "host 0's cluster port" },
+  { name: "NNODES", flag: "--nnodes", default: "", doc: "hosts in the cluster" },
+  { name: "NODE_RANK", flag: "--node-rank", default: "", doc: "this host's rank, 0 = the coordinator" },
+  { name: "SLURM_NNODES", default: "", doc: "Slurm: hosts in the job (when NNODES is unset)" },
+  { name: "SLURM_NODEID", default: "", doc: "Slurm: this host's index (when NODE_RANK is unset)" },
+  { name: "WORLD_SIZE", default: "", doc: "torchrun: processes in the job; hosts = WORLD_SIZE / LOCAL_WORLD_SIZE" },
+  { name: "RANK", default: "", doc: "torchrun: this process's rank; host = RANK / LOCAL_WORLD_SIZE" },
+  { name: "LOCAL_WORLD_SIZE", default: "", doc: "torchrun: processes per host (1 when ce serve runs once per host)" },
 ] as const satisfies readonly EnvDecl[];
 
 export type EnvName = (typeof ENV)[number]["name"];

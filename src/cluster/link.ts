@@ -4,6 +4,7 @@
 // deadline; a reply that comes after it is dropped.
 import { CeError, TimeoutError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
+import { randomBytes } from "node:crypto";
 import { type ZmqSocket, defaultContext } from "../transport/zmq";
 import type { Sealer } from "./seal";
 
@@ -19,13 +20,17 @@ export type Handler = (body: Record<string, unknown>, payload: Uint8Array[], fro
 /** A failure a peer reported, in its words. */
 export class PeerError extends CeError {}
 
-const routingId = (rank: number) => `host-${rank}`;
 
 export class Link {
   readonly #sock: ZmqSocket;
   readonly #router: boolean;
   readonly #handlers = new Map<string, Handler>();
   readonly #waiting = new Map<number, { resolve: (m: Message) => void; reject: (e: unknown) => void }>();
+  /**
+   * ROUTER: each host's connection, learned from the last message of it whose seal opened. A process
+   * without the secret can connect, but never becomes the route to a host.
+   */
+  readonly #routes = new Map<number, Uint8Array>();
   #next = 1;
   #closed = false;
   /** Called for every message that opened, before it is dispatched (heartbeat bookkeeping). */
@@ -44,14 +49,15 @@ export class Link {
 
   /** Host 0: binds the master endpoint; returns the endpoint bound (the port when 0 was asked). */
   static listen(endpoint: string, sealer: Sealer): { link: Link; endpoint: string } {
-    const sock = defaultContext().socket("ROUTER", { handover: true });
+    const sock = defaultContext().socket("ROUTER", { mandatory: true });
     const bound = sock.bind(endpoint);
     return { link: new Link(sock, true, 0, sealer), endpoint: bound };
   }
 
   /** Host rank > 0: connects to host 0 (the connection completes and recovers in the background). */
   static connect(endpoint: string, rank: number, sealer: Sealer): Link {
-    const sock = defaultContext().socket("DEALER", { routingId: routingId(rank) });
+    // A new name per process: a restarted host is a new connection, not a takeover of the old one.
+    const sock = defaultContext().socket("DEALER", { routingId: `host-${rank}-${randomBytes(6).toString("hex")}` });
     sock.connect(endpoint);
     return new Link(sock, false, rank, sealer);
   }
@@ -83,7 +89,18 @@ export class Link {
   }
 
   #send(to: number, frames: Uint8Array[]): Promise<void> {
-    return this.#sock.send(this.#router ? [new TextEncoder().encode(routingId(to)), ...frames] : frames, { timeoutMs: 5_000, what: `sending to host ${to}` });
+    const what = `sending to host ${to}`;
+    if (!this.#router) return this.#sock.send(frames, { timeoutMs: 5_000, what });
+    const route = this.#routes.get(to);
+    if (!route) return Promise.reject(new CeError("E_CLUSTER_HOST_MISSING", `host ${to} has not joined`));
+    return this.#sock.send([route, ...frames], { timeoutMs: 5_000, what }).catch((err: unknown) => {
+      // ZMQ_ROUTER_MANDATORY: the host's connection is gone (its process ended).
+      if (err instanceof CeError && err.code === "ZMQ_EHOSTUNREACH") {
+        this.#routes.delete(to);
+        throw new CeError("E_CLUSTER_HOST_MISSING", `host ${to} is not connected: its ce serve ended or lost the connection`);
+      }
+      throw err;
+    });
   }
 
   #settle(id: number, msg: Message | undefined, err?: unknown): void {
@@ -109,6 +126,7 @@ export class Link {
         continue;
       }
       const { header, payload } = opened;
+      if (this.#router) this.#routes.set(header.from, frames[0]!);
       this.onMessage?.(header.from);
       if (header.reply) {
         const id = header.id as number;

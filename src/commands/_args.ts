@@ -1,6 +1,8 @@
 // Argument blocks shared by several commands.
 import type { ArgDef } from "citty";
 import type { EngineSpec, UpdaterOptions } from "../app/updater";
+import type { ClusterOptions } from "../cluster/cluster";
+import { loadSecret } from "../cluster/seal";
 import { config } from "../base/config";
 import { UsageError } from "../base/errors";
 import { parseDuration, parseSize } from "../base/units";
@@ -140,5 +142,62 @@ export function updaterOptions(args: EngineFlags & Parameters<typeof deviceOptio
     dialect: protocolOf(args) === "checkpoint-engine" ? checkpointEngineDialect : undefined,
     opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
     forceBroadcast: args.broadcast ?? false,
+  };
+}
+
+export const clusterArgs = {
+  nnodes: { type: "string", description: "hosts in the cluster, one ce serve each (default: NNODES, SLURM_NNODES, or torchrun's WORLD_SIZE/LOCAL_WORLD_SIZE; 1)", valueHint: "N" },
+  "node-rank": { type: "string", description: "this host's rank, 0 coordinates (default: NODE_RANK, SLURM_NODEID, or torchrun's RANK/LOCAL_WORLD_SIZE)", valueHint: "R" },
+  "master-addr": { type: "string", description: `host 0's address (default: MASTER_ADDR, else ${config.MASTER_ADDR})`, valueHint: "ADDR" },
+  "master-port": { type: "string", description: `host 0's cluster port (default: MASTER_PORT, else ${config.MASTER_PORT})`, valueHint: "PORT" },
+  "secret-file": { type: "string", description: "file holding the cluster's shared secret (mode 0600); default: CE_CLUSTER_SECRET", valueHint: "FILE" },
+} as const satisfies Record<string, ArgDef>;
+
+function wholeNumber(text: string, what: string, min: number): number {
+  const n = Number(text);
+  if (text === "" || !Number.isSafeInteger(n) || n < min) throw new UsageError(`${what} "${text}" is not a whole number of at least ${min}`);
+  return n;
+}
+
+/** The cluster's shape from flags, then the launchers' variables; undefined for one host alone. */
+export function clusterOptions(args: { nnodes?: string; "node-rank"?: string; "master-addr"?: string; "master-port"?: string; "secret-file"?: string }): ClusterOptions | undefined {
+  const perHost = config.LOCAL_WORLD_SIZE ? wholeNumber(config.LOCAL_WORLD_SIZE, "LOCAL_WORLD_SIZE", 1) : undefined;
+  const fromTorchrun = (v: string, what: string) => (v && perHost ? Math.floor(wholeNumber(v, what, 0) / perHost) : undefined);
+  const nnodes =
+    args.nnodes !== undefined
+      ? wholeNumber(args.nnodes, "--nnodes", 1)
+      : config.NNODES
+        ? wholeNumber(config.NNODES, "NNODES", 1)
+        : config.SLURM_NNODES
+          ? wholeNumber(config.SLURM_NNODES, "SLURM_NNODES", 1)
+          : (fromTorchrun(config.WORLD_SIZE, "WORLD_SIZE") ?? 1);
+  if (nnodes === 1) return undefined;
+  const nodeRank =
+    args["node-rank"] !== undefined
+      ? wholeNumber(args["node-rank"], "--node-rank", 0)
+      : config.NODE_RANK
+        ? wholeNumber(config.NODE_RANK, "NODE_RANK", 0)
+        : config.SLURM_NODEID
+          ? wholeNumber(config.SLURM_NODEID, "SLURM_NODEID", 0)
+          : fromTorchrun(config.RANK, "RANK");
+  if (nodeRank === undefined) throw new UsageError(`a cluster of ${nnodes} hosts needs this host's rank: --node-rank (or NODE_RANK)`);
+  if (nodeRank >= nnodes) throw new UsageError(`--node-rank ${nodeRank} is not below --nnodes ${nnodes}`);
+  // Port 0 lets host 0 pick one (tests); the others must be told it.
+  const masterPort = wholeNumber(args["master-port"] ?? config.MASTER_PORT, "--master-port", 0);
+  if (masterPort > 65535) throw new UsageError(`--master-port ${masterPort} is not a port`);
+  let secret: Buffer;
+  try {
+    secret = loadSecret({ secret: config.CE_CLUSTER_SECRET, secretFile: args["secret-file"] });
+  } catch (err) {
+    throw new UsageError((err as Error).message, { hint: (err as { hint?: string }).hint });
+  }
+  return {
+    nnodes,
+    nodeRank,
+    masterAddr: args["master-addr"] ?? config.MASTER_ADDR,
+    masterPort,
+    secret,
+    joinTimeoutMs: parseDuration(config.CE_JOIN_TIMEOUT, "CE_JOIN_TIMEOUT"),
+    heartbeatMs: parseDuration(config.CE_HEARTBEAT, "CE_HEARTBEAT"),
   };
 }

@@ -9,7 +9,8 @@ import { resolve } from "node:path";
 import { Daemon } from "../serve/daemon";
 import { MAX_BODY_BYTES, route } from "../serve/routes";
 import { openUpdater } from "../app/updater";
-import { deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
+import { Cluster } from "../cluster/cluster";
+import { clusterArgs, clusterOptions, deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 
 export default defineCommand({
   meta: {
@@ -26,6 +27,7 @@ export default defineCommand({
     ...engineArgs,
     ...deviceArgs,
     ...planArgs,
+    ...clusterArgs,
     ...outputArgs,
   },
   async run({ args }) {
@@ -34,8 +36,19 @@ export default defineCommand({
     const { bucketBytes, slots, timeoutMs } = planOptions(args);
     const roots = args.root.split(",").map((r) => resolve(r.trim())).filter(Boolean);
     const options = updaterOptions(args);
+    const clustered = clusterOptions(args);
     const up = await openUpdater(options);
     const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots });
+    let cluster: Cluster | undefined;
+    if (clustered) {
+      try {
+        cluster = await Cluster.start(clustered, daemon.host);
+      } catch (err) {
+        await daemon.close();
+        throw err;
+      }
+      daemon.attach(cluster);
+    }
     const fetch = (req: Request) => route(daemon, req);
     let server: ReturnType<typeof Bun.serve>;
     let url: string;
@@ -59,7 +72,7 @@ export default defineCommand({
       await daemon.close();
       throw new UsageError(`cannot listen on ${args.socket ?? `${args.host}:${port}`}: ${(err as Error).message}`);
     }
-    if (args.json) writeJson({ ok: true, listening: url });
+    if (args.json) writeJson({ ok: true, listening: url, ...(cluster ? { host: cluster.rank, nnodes: clustered!.nnodes, cluster: cluster.endpoint } : {}) });
     else log.info(`ce serve listening on ${url} (${up.engine.description})`);
 
     // Runs until SIGINT or SIGTERM; then every registration, buffer and worker is released.

@@ -42,7 +42,6 @@ export const ZMQ_LAST_ENDPOINT = 32;
 export const ZMQ_IMMEDIATE = 39;
 export const ZMQ_REQ_CORRELATE = 52;
 export const ZMQ_REQ_RELAXED = 53;
-export const ZMQ_ROUTER_HANDOVER = 56;
 export const ZMQ_ROUTER_MANDATORY = 33;
 
 /** Send/recv flags. */

@@ -2,7 +2,9 @@
 // and the context, sockets, slot buffers and workers stay up, so an update costs what the data path
 // costs. One update at a time. routes.ts maps HTTP onto it.
 import { openCheckpoint } from "../checkpoint/checkpoint";
-import { CeError, errorMessage } from "../base/errors";
+import { CeError, InputError, errorMessage } from "../base/errors";
+import type { Cluster, ClusterSummary, LocalHost, Share } from "../cluster/cluster";
+import type { HostPart } from "../cluster/plan";
 import { logger } from "../base/log";
 import { type Registration, register, unregister } from "../checkpoint/registry";
 import type { Updater } from "../app/updater";
@@ -38,12 +40,31 @@ export class Daemon {
   #running: { checkpoint: string; startedMs: number; progress?: Progress } | undefined;
   #last: Summary | undefined;
 
+  #cluster: Cluster | undefined;
+
   constructor(
     private readonly up: Updater,
     private readonly opts: ServeOptions,
   ) {}
 
   readonly metrics = new Metrics();
+
+  /** This host as a cluster sees it: what it holds, and how it runs its share. */
+  get host(): LocalHost {
+    return {
+      backend: this.up.ctx.backend,
+      ctx: this.up.ctx,
+      devices: this.up.set.devices.map((d) => d.uuid),
+      describe: (checkpoint) => this.#describePart(checkpoint),
+      runShare: (share, signal) => this.#runShare(share, signal),
+      status: () => this.#localStatus(),
+    };
+  }
+
+  /** From now on updates and status go through the cluster. */
+  attach(cluster: Cluster): void {
+    this.#cluster = cluster;
+  }
 
   async register(body: unknown): Promise<object> {
     const { name, path, version } = parseBody(RegisterBody, body);
@@ -80,25 +101,33 @@ export class Daemon {
     return { name, releaseSeconds: await unregister(this.up.ctx, reg) };
   }
 
-  async update(body: unknown): Promise<Summary> {
+  /** One update: of this host, or (in a cluster) of every host, from whichever host was asked. */
+  async update(body: unknown): Promise<Summary | ClusterSummary> {
     const { checkpoint } = parseBody(UpdateBody, body);
+    if (this.#cluster) {
+      const s = await this.#cluster.update(checkpoint, this.opts.timeoutMs);
+      log.info(`updated ${checkpoint}@${s.version} on ${s.hosts} hosts (${s.ranks} ranks): ${s.seconds.toFixed(3)} s, ${s.gbps.toFixed(1)} GB/s`);
+      return s;
+    }
     const reg = this.#get(checkpoint);
+    const summary = await this.#track(checkpoint, (onProgress) =>
+      this.up.session.update({ reg, bucketBytes: this.opts.bucketBytes, slots: this.opts.slots, timeoutMs: this.opts.timeoutMs, onProgress }),
+    );
+    log.info(`updated ${checkpoint}@${reg.version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s`);
+    return summary;
+  }
+
+  /** Runs one update of this host's devices with the running/last/metrics bookkeeping. */
+  async #track(checkpoint: string, run: (onProgress: (p: Progress) => void) => Promise<UpdateSummary>): Promise<Summary> {
     if (this.#running) throw busy(this.#running.checkpoint);
     const running: { checkpoint: string; startedMs: number; progress?: Progress } = { checkpoint, startedMs: performance.now() };
     this.#running = running;
     try {
-      const { trace: _, ...summary } = await this.up.session.update({
-        reg,
-        bucketBytes: this.opts.bucketBytes,
-        slots: this.opts.slots,
-        timeoutMs: this.opts.timeoutMs,
-        onProgress: (p) => {
-          running.progress = p;
-        },
+      const { trace: _, ...summary } = await run((p) => {
+        running.progress = p;
       });
       this.#last = summary;
       this.metrics.updated(summary);
-      log.info(`updated ${checkpoint}@${reg.version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s`);
       return summary;
     } catch (err) {
       this.metrics.failed(err instanceof CeError ? err.code : "E_INTERNAL");
@@ -106,6 +135,55 @@ export class Daemon {
     } finally {
       this.#running = undefined;
     }
+  }
+
+  #describePart(checkpoint: string): Omit<HostPart, "host" | "firstRank"> {
+    const reg = this.#registered(checkpoint, "E_CLUSTER_PART_MISSING");
+    return {
+      version: reg.version,
+      ndev: this.up.set.devices.length,
+      freeBytes: this.up.session.freeBytes(),
+      files: reg.ckpt.files.map((f) => ({
+        path: f.path,
+        tensors: reg.ckpt.tensors.filter((t) => t.file === f.path).map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, offset: t.fileOffset })),
+      })),
+    };
+  }
+
+  /** This host's share of a cluster update: host 0's plan with its own files' regions filled in. */
+  #runShare(share: Share, signal: AbortSignal): Promise<Summary> {
+    const reg = this.#registered(share.checkpoint, "E_CLUSTER_PART_MISSING");
+    if (reg.version !== share.version) {
+      throw new InputError("E_CLUSTER_VERSION", `host 0 planned "${share.checkpoint}" version ${share.version}, this host holds ${reg.version}`);
+    }
+    const me = this.#cluster?.rank ?? 0;
+    const regionOf = new Map<number, number>();
+    share.files.forEach((f, i) => {
+      if (f.host !== me) return;
+      const k = reg.ckpt.files.findIndex((mine) => mine.path === f.path);
+      if (k < 0) throw new InputError("E_CLUSTER", `host 0 planned ${f.path} on this host, which does not hold it in "${share.checkpoint}"`);
+      regionOf.set(i, reg.files[k]!.region);
+    });
+    const ndev = this.up.set.devices.length;
+    const buckets = share.plan.buckets.map((b) => {
+      const mine = b.owner >= share.firstRank && b.owner < share.firstRank + ndev;
+      return mine ? { ...b, copies: b.copies.map((c) => ({ ...c, region: regionOf.get(c.region)! })) } : b;
+    });
+    return this.#track(share.checkpoint, (onProgress) =>
+      this.up.session.updateShare({
+        reg,
+        plan: { ...share.plan, buckets },
+        slots: share.slots,
+        staging: share.staging,
+        fallbacks: [...share.fallbacks],
+        firstRank: share.firstRank,
+        comm: share.comm,
+        files: share.files.map((f) => f.path),
+        timeoutMs: share.timeoutMs,
+        signal,
+        onProgress,
+      }),
+    );
   }
 
   /** Prometheus text: the counters, and the state as it is now. */
@@ -116,12 +194,18 @@ export class Daemon {
       pinnedBytes: stats.pinnedBytes,
       deviceBytes: this.up.session.heldBytes(),
       versions: new Map([...this.#regs.values()].map((r) => [r.name, r.version])),
-      hostsUp: 1,
+      hostsUp: this.#cluster ? this.#cluster.hostsUp() : 1,
     });
     return this.metrics.text();
   }
 
-  status(): object {
+  /** This host's state, or in a cluster every host's (asked of host 0). */
+  async status(): Promise<object> {
+    if (this.#cluster) return { cluster: await this.#cluster.status() };
+    return this.#localStatus();
+  }
+
+  #localStatus(): object {
     const r = this.#running;
     return {
       busy: r !== undefined,
@@ -138,14 +222,22 @@ export class Daemon {
 
   /** Releases every registration, then the session and the context. */
   async close(): Promise<void> {
+    this.#cluster?.close();
     for (const reg of this.#regs.values()) await unregister(this.up.ctx, reg).catch((err) => log.warn(errorMessage(err)));
     this.#regs.clear();
     await this.up.close();
   }
 
   #get(name: string): Registration {
+    return this.#registered(name, "E_UNKNOWN_CHECKPOINT");
+  }
+
+  #registered(name: string, code: string): Registration {
     const reg = this.#regs.get(name);
-    if (!reg) throw new CeError("E_UNKNOWN_CHECKPOINT", `no checkpoint named "${name}" is registered`, { hint: "POST /v1/checkpoints {name, path} first" });
+    if (!reg) {
+      const where = this.#cluster ? `on host ${this.#cluster.rank}` : "";
+      throw new CeError(code, `no checkpoint named "${name}" is registered${where ? ` ${where}` : ""}`, { hint: "POST /v1/checkpoints {name, path} first (on every host of a cluster)" });
+    }
     return reg;
   }
 }

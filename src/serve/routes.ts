@@ -13,6 +13,7 @@ export const MAX_BODY_BYTES = 64 * 1024;
 export function httpStatus(err: unknown): number {
   if (!(err instanceof CeError)) return 500;
   if (err.code === "E_UNKNOWN_CHECKPOINT") return 404;
+  if (err.code === "E_CLUSTER_HOST_MISSING") return 503;
   if (err.code === "E_BUSY" || err.code === "E_CHECKPOINT_EXISTS") return 409;
   if (err.code === "E_PATH_OUTSIDE_ROOTS") return 403;
   if (err.code === "E_BODY_TOO_LARGE") return 413;
@@ -46,7 +47,7 @@ export async function route(daemon: Daemon, req: Request): Promise<Response> {
     if (req.method === "GET" && path === "/metrics") {
       return new Response(await daemon.metricsText(), { headers: { "content-type": daemon.metrics.contentType } });
     }
-    if (req.method === "GET" && path === "/v1/status") return json(200, { ok: true, ...daemon.status() });
+    if (req.method === "GET" && path === "/v1/status") return json(200, { ok: true, ...(await daemon.status()) });
     if (req.method === "GET" && path === "/v1/checkpoints") return json(200, { ok: true, ...daemon.list() });
     if (req.method === "POST" && path === "/v1/checkpoints") return json(201, { ok: true, ...(await daemon.register(await readBody(req))) });
     const m = /^\/v1\/checkpoints\/([^/]+)$/.exec(path);

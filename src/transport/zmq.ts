@@ -39,12 +39,8 @@ export interface SocketOptions {
   routingId?: string | Uint8Array;
   /** Largest message accepted (ZMQ_MAXMSGSIZE); -1, the default, takes any. */
   maxMessageBytes?: number;
-  /**
-   * ROUTER only: a peer that reconnects with a routing id already in use takes it over
-   * (ZMQ_ROUTER_HANDOVER), as a restarted host must; and a send to an unknown id fails instead of
-   * vanishing (ZMQ_ROUTER_MANDATORY).
-   */
-  handover?: boolean;
+  /** ROUTER only: a send to an unknown routing id fails (EHOSTUNREACH) instead of vanishing (ZMQ_ROUTER_MANDATORY). */
+  mandatory?: boolean;
 }
 
 export interface WaitOptions {
@@ -193,10 +189,7 @@ export class ZmqSocket {
         this.#setInt(native.ZMQ_REQ_RELAXED, "ZMQ_REQ_RELAXED", options.relaxed === false ? 0 : 1);
         this.#setInt(native.ZMQ_REQ_CORRELATE, "ZMQ_REQ_CORRELATE", options.correlate === false ? 0 : 1);
       }
-      if (type === "ROUTER" && options.handover) {
-        this.#setInt(native.ZMQ_ROUTER_HANDOVER, "ZMQ_ROUTER_HANDOVER", 1);
-        this.#setInt(native.ZMQ_ROUTER_MANDATORY, "ZMQ_ROUTER_MANDATORY", 1);
-      }
+      if (type === "ROUTER" && options.mandatory) this.#setInt(native.ZMQ_ROUTER_MANDATORY, "ZMQ_ROUTER_MANDATORY", 1);
       if (options.routingId !== undefined) {
         native.setBytesOption(handle, native.ZMQ_ROUTING_ID, frameBytes(options.routingId), `zmq_setsockopt(${type}, ZMQ_ROUTING_ID)`);
       }
