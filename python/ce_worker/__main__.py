@@ -93,6 +93,7 @@ def main(argv: Optional[list] = None) -> int:
                 break
             log.info("session %s", summary)
     finally:
+        receiver.drop()  # a mapping kept for the next session (protocol 2) goes with the worker
         sock.close()
     log.info("stopping: %s", stop.reason)
     return 0

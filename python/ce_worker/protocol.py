@@ -8,6 +8,9 @@ frame arriving in the wrong state gets a clear error instead of being guessed at
 The protocol's one definition is src/wire/worker-protocol.json; TRANSITIONS below is its table,
 kept here because the package is installed without the repository, and tests/test_protocol.py
 checks that the two are equal and runs every frame case of the file through parse().
+
+Protocol 2 adds the kept mapping (the file's comment has the rules): open may name its buffer with
+"buffer_id", release may say "keep", and a worker of protocol 2 accepts opens of protocol 1 and 2.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # what this worker speaks, and says in its reply to open
+OLDEST_PROTOCOL = 1  # the oldest open it accepts: ce writes 1, since everything protocol 2 adds is optional
 IPC_HANDLE_BYTES = 64  # sizeof(CUipcMemHandle)
 BACKENDS = ("cuda", "cpu")
 
@@ -49,6 +53,8 @@ class Open:
     files: Tuple[str, ...] = ()  # optional extras: the checkpoint's files, bucket and tensor counts
     buckets: Optional[int] = None
     tensors: Optional[int] = None
+    protocol: int = OLDEST_PROTOCOL
+    buffer_id: Optional[str] = None  # names this allocation of the buffer: a worker may keep its mapping
     op = "open"
 
 
@@ -62,6 +68,7 @@ class Load:
 
 @dataclass(frozen=True)
 class Release:
+    keep: bool = False  # ce keeps the buffer: a mapping of an open with buffer_id stays for the next open
     op = "release"
 
 
@@ -137,8 +144,9 @@ def parse(frames: Sequence[bytes]) -> Request:
 
 def _parse_open(obj: dict, extra: list) -> Open:
     protocol = _int(obj, "protocol")
-    if protocol != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol {protocol} is not supported (this worker speaks {PROTOCOL_VERSION})")
+    if not OLDEST_PROTOCOL <= protocol <= PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol {protocol} is not supported "
+                            f"(this worker speaks {OLDEST_PROTOCOL} to {PROTOCOL_VERSION})")
     backend = _str(obj, "backend")
     if backend not in BACKENDS:
         raise ProtocolError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -156,6 +164,9 @@ def _parse_open(obj: dict, extra: list) -> Open:
         files = []
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         raise ProtocolError("field files must be a list of paths")
+    buffer_id = obj.get("buffer_id")
+    if buffer_id is not None and (not isinstance(buffer_id, str) or not buffer_id):
+        raise ProtocolError(f"field buffer_id must be a non-empty string, got {json.dumps(buffer_id)}")
     path = obj.get("path", "")
     if not isinstance(path, str) or (backend == "cpu" and not path):
         raise ProtocolError("field path must name the shared-memory file on the cpu backend")
@@ -172,6 +183,8 @@ def _parse_open(obj: dict, extra: list) -> Open:
         files=tuple(files),
         buckets=_opt_int(obj, "buckets"),
         tensors=_opt_int(obj, "tensors"),
+        protocol=protocol,
+        buffer_id=buffer_id,
     )
 
 
@@ -198,6 +211,13 @@ def _parse_load(obj: dict, extra: list) -> Load:
     return Load(bucket=_int(obj, "bucket"), slot=_int(obj, "slot"), tensors=tuple(metas))
 
 
+def _parse_release(obj: dict) -> Release:
+    keep = obj.get("keep", False)
+    if not isinstance(keep, bool):
+        raise ProtocolError(f"field keep must be a boolean, got {json.dumps(keep)}")
+    return Release(keep=keep)
+
+
 def _parse_abort(obj: dict, extra: list) -> Abort:
     reason = obj.get("reason", "")
     return Abort(reason=reason if isinstance(reason, str) else json.dumps(reason))
@@ -206,7 +226,7 @@ def _parse_abort(obj: dict, extra: list) -> Abort:
 _PARSERS = {
     "open": _parse_open,
     "load": _parse_load,
-    "release": lambda obj, extra: Release(),
+    "release": lambda obj, extra: _parse_release(obj),
     "finish": lambda obj, extra: Finish(),
     "abort": _parse_abort,
 }

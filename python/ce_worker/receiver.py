@@ -7,10 +7,17 @@ so it is sent only after load_fn returned and the current stream has been synchr
 
 A session ends with finish or with abort; either way the worker is idle again (abort drops the
 mapping) and the same Receiver on the same socket takes the next open.
+
+Protocol 2, the warm path: the mapping lives in a MappingCache, which keeps it across sessions while
+ce keeps the buffer (release with keep), so the next open naming the same buffer_id maps nothing.
+src/wire/worker-protocol.json says when it is kept and when dropped. update_weights_from_ipc, which
+serves one session per call (vLLM's path), keeps it in a cache of the process, one per device,
+closed at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -35,6 +42,71 @@ POLL_STEP_S = 0.2  # how often a waiting worker checks its stop condition
 FINAL_LINGER_S = 2.0  # time the last reply gets to leave before the socket closes
 
 
+class MappingCache:
+    """At most one mapping of ce's buffer, which may outlive a session (protocol 2's kept mapping).
+
+    An open whose buffer_id, backend, buffer_bytes, path and handle all equal those the mapping was
+    made from is served from it; any other open replaces it. release(keep=False), drop() (abort,
+    timeout, stop) and the process's exit close it.
+    """
+
+    def __init__(self) -> None:
+        self.mapping: Optional[BufferMapping] = None
+        self.key: Optional[tuple] = None  # None: the open named no buffer_id, so the mapping is not kept
+        self.buffer_id: Optional[str] = None
+
+    def open(self, req: Open, device: torch.device) -> Tuple[BufferMapping, bool]:
+        """The mapping for this open and whether it was kept (True: nothing was mapped now)."""
+        key = None if req.buffer_id is None else (req.buffer_id, req.backend, req.buffer_bytes, req.path, req.handle)
+        if self.mapping is not None and key is not None and key == self.key:
+            return self.mapping, True
+        self.drop()
+        mapping = map_buffer(req.backend, buffer_bytes=req.buffer_bytes, handle=req.handle,
+                             path=req.path, device=device)
+        self.mapping, self.key, self.buffer_id = mapping, key, req.buffer_id
+        return mapping, False
+
+    def release(self, keep: bool) -> None:
+        """End of an update's use: the mapping stays when ce keeps the buffer and it may be kept."""
+        if keep and self.key is not None:
+            return
+        self.close()
+
+    def close(self) -> None:
+        """Unmap; raises if that fails (a view is still alive), and the mapping stays for drop()."""
+        mapping = self.mapping
+        if mapping is not None:
+            mapping.close()
+        self.mapping = self.key = self.buffer_id = None
+
+    def drop(self) -> None:
+        """Unmap if mapped. Never raises."""
+        try:
+            self.close()
+        except Exception:
+            log.exception("could not unmap ce's buffer; it stays mapped")
+            self.mapping = self.key = self.buffer_id = None
+
+
+# update_weights_from_ipc serves one session per call, with a new Receiver each time: the mapping
+# kept for the next call lives here, one cache per device (its UUID), closed when the process exits.
+_PROCESS_CACHES: Dict[str, MappingCache] = {}
+
+
+def process_cache(device_key: str) -> MappingCache:
+    """This process's MappingCache for one device."""
+    cache = _PROCESS_CACHES.get(device_key)
+    if cache is None:
+        cache = _PROCESS_CACHES[device_key] = MappingCache()
+    return cache
+
+
+@atexit.register
+def _drop_process_caches() -> None:
+    for cache in _PROCESS_CACHES.values():
+        cache.drop()
+
+
 class SessionTimeout(TimeoutError):
     """ce sent no request within the deadline; the mapping has been dropped."""
 
@@ -47,17 +119,21 @@ def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[
                             device: Optional[torch.device] = None, op_timeout_s: float = 120.0,
                             expect_uuid: Optional[str] = None, transport: Optional[str] = None,
                             start_hook: Optional[StartHook] = None,
-                            abort_hook: Optional[AbortHook] = None) -> dict:
+                            abort_hook: Optional[AbortHook] = None,
+                            cache: Optional[MappingCache] = None) -> dict:
     """Connect a REP socket to ce's `endpoint`, serve one session, return its summary.
 
     load_fn(weights) is called once per bucket; post_hook(open_frame) once at finish (its dict,
     if any, joins the finish reply); start_hook(open_frame) at open and abort_hook() after an
     abort, when given. An abort from ce returns a summary with state "aborted"; no request for
     op_timeout_s raises SessionTimeout. Either way the buffer is unmapped and the engine keeps
-    serving on whatever weights it has.
+    serving on whatever weights it has. A finished session's mapping stays in `cache` (by
+    default the process's cache for this device) when ce keeps the buffer, for the next call.
     """
+    if cache is None:
+        cache = process_cache(expect_uuid or str(device if device is not None else _default_device()))
     receiver = Receiver(load_fn, post_hook, device=device, expect_uuid=expect_uuid,
-                        start_hook=start_hook, abort_hook=abort_hook)
+                        start_hook=start_hook, abort_hook=abort_hook, cache=cache)
     sock = connect_rep(endpoint, backend=transport)
     try:
         return serve_session(sock, receiver, op_timeout_s=op_timeout_s, wait_s=op_timeout_s)
@@ -110,7 +186,8 @@ class Receiver:
 
     def __init__(self, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
                  device: Optional[torch.device] = None, expect_uuid: Optional[str] = None,
-                 start_hook: Optional[StartHook] = None, abort_hook: Optional[AbortHook] = None) -> None:
+                 start_hook: Optional[StartHook] = None, abort_hook: Optional[AbortHook] = None,
+                 cache: Optional[MappingCache] = None) -> None:
         self.load_fn = load_fn
         self.post_hook = post_hook
         self.start_hook = start_hook
@@ -119,7 +196,8 @@ class Receiver:
         self.expect_uuid = expect_uuid
         self.session = protocol.Session()
         self.opened: Optional[Open] = None
-        self.mapping: Optional[BufferMapping] = None
+        self.cache = cache if cache is not None else MappingCache()  # owns the mapping, kept or not
+        self.mapping: Optional[BufferMapping] = None  # the current session's (the cache's) mapping
         self.reason = ""
         self.ended: Optional[str] = None  # how the current session ended: "finished" or "aborted"
         self.undo_error = ""  # abort_hook's failure, if it failed
@@ -143,24 +221,27 @@ class Receiver:
             log.exception("op %s failed", op)
             return protocol.error(format_error(e))
 
-    def _open(self, req: Open) -> None:
+    def _open(self, req: Open) -> dict:
         if self.expect_uuid is not None and req.device_uuid != self.expect_uuid:
             raise ValueError(f"open for device {req.device_uuid} reached the worker on {self.expect_uuid}")
-        mapping = map_buffer(req.backend, buffer_bytes=req.buffer_bytes, handle=req.handle,
-                             path=req.path, device=self.device)
+        mapping, kept = self.cache.open(req, self.device)
         if self.start_hook is not None:
             try:
                 self.start_hook(req)
             except BaseException:
-                mapping.close()
+                self.cache.drop()  # a failed open keeps nothing
                 raise
         self.mapping = mapping
         self.opened = req
         self.reason = self.undo_error = ""
         self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
-        log.info("open %s@%d: %s buffer of %d bytes, %d slots", req.checkpoint, req.version,
-                 req.backend, req.buffer_bytes, req.slots)
+        log.info("open %s@%d: %s buffer of %d bytes, %d slots%s", req.checkpoint, req.version,
+                 req.backend, req.buffer_bytes, req.slots, f", kept mapping of {req.buffer_id}" if kept else "")
+        # An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
+        if req.buffer_id is None:
+            return {}
+        return {"protocol": protocol.PROTOCOL_VERSION, "buffer_id": req.buffer_id, "kept": kept}
 
     def _load(self, req: Load) -> None:
         assert self.opened is not None and self.mapping is not None  # guaranteed by the state
@@ -178,12 +259,8 @@ class Receiver:
         log.debug("loaded bucket %d (slot %d): %d tensors", req.bucket, req.slot, len(req.tensors))
 
     def _release(self, req: Release) -> None:
-        mapping, self.mapping = self.mapping, None
-        try:
-            mapping.close()
-        except BaseException:
-            self.mapping = mapping  # still mapped: abort tries again
-            raise
+        self.cache.release(req.keep)  # a failed unmap raises and leaves it to abort's drop
+        self.mapping = None
 
     def _finish(self, req: Finish) -> Optional[dict]:
         fields = self.post_hook(self.opened) if self.post_hook is not None else None
@@ -215,13 +292,9 @@ class Receiver:
                 self.undo_error = format_error(e)
 
     def drop(self) -> None:
-        """Unmap the buffer if it is mapped; used on abort, timeout and stop. Never raises."""
-        mapping, self.mapping = self.mapping, None
-        if mapping is not None:
-            try:
-                mapping.close()
-            except Exception:
-                log.exception("could not unmap ce's buffer; it stays mapped")
+        """Unmap the buffer, a kept mapping too; used on abort, timeout, stop and exit. Never raises."""
+        self.mapping = None
+        self.cache.drop()
 
     def summary(self) -> dict:
         """The session's outcome: state "finished" or "aborted" (with ce's reason), and its counts."""

@@ -59,7 +59,10 @@ class ParseTest(unittest.TestCase):
             ("a JSON list", [b"[1]"], "expected an object"),
             ("no op", frames({"bucket": 1}), "unknown op None"),
             ("unknown op", frames({"op": "reload"}), "unknown op 'reload'"),
-            ("protocol 2", frames({**OPEN_CPU, "protocol": 2}), "protocol 2 is not supported"),
+            ("protocol 3", frames({**OPEN_CPU, "protocol": 3}), "protocol 3 is not supported (this worker speaks 1 to 2)"),
+            ("protocol 0", frames({**OPEN_CPU, "protocol": 0}), "protocol 0 is not supported"),
+            ("empty buffer_id", frames({**OPEN_CPU, "buffer_id": ""}), "field buffer_id must be a non-empty string"),
+            ("keep not a bool", frames({"op": "release", "keep": 1}), "field keep must be a boolean, got 1"),
             ("no protocol", frames({k: v for k, v in OPEN_CPU.items() if k != "protocol"}), "field protocol"),
             ("bad backend", frames({**OPEN_CPU, "backend": "rocm"}), "backend 'rocm'"),
             ("cuda without handle", frames(OPEN_CUDA), "takes 2 frames"),
@@ -98,6 +101,7 @@ class DefinitionTest(unittest.TestCase):
     def test_the_transitions_are_those_of_the_definition(self):
         spec = support.protocol_definition()
         self.assertEqual(spec["protocol"], protocol.PROTOCOL_VERSION)
+        self.assertEqual(spec["oldest"], protocol.OLDEST_PROTOCOL)
         self.assertEqual([s.value for s in State], spec["states"])
         self.assertEqual(State(spec["initial"]), Session().state)
         self.assertEqual(protocol.TRANSITIONS, spec["transitions"])
@@ -126,7 +130,10 @@ class DefinitionTest(unittest.TestCase):
             with self.subTest(case["case"]):
                 raw = [support.frame_bytes(f) for f in case["frames"]]
                 if case["valid"]:
-                    self.assertEqual(protocol.parse(raw).op, case["op"])
+                    req = protocol.parse(raw)
+                    self.assertEqual(req.op, case["op"])
+                    for field, value in case.get("fields", {}).items():
+                        self.assertEqual(getattr(req, field), value, field)
                 else:
                     with self.assertRaises(ProtocolError):
                         protocol.parse(raw)

@@ -105,8 +105,8 @@ class ReceiverTest(unittest.TestCase):
 
     def test_a_bad_frame_gets_an_error_reply_naming_the_problem(self):
         s = Session(self, Store().load)
-        self.assertEqual(s.ce.request({"op": "open", "protocol": 2}),
-                         {"ok": False, "error": "ProtocolError: protocol 2 is not supported (this worker speaks 1)"})
+        self.assertEqual(s.ce.request({"op": "open", "protocol": 3}),
+                         {"ok": False, "error": "ProtocolError: protocol 3 is not supported (this worker speaks 1 to 2)"})
         self.assertIn("unknown op 'reload'", s.ce.request({"op": "reload"})["error"])
         s.ce.open_cpu(s.buf, slot_bytes=SLOT)
         load = {"op": "load", "bucket": 0, "slot": 0}

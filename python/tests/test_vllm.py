@@ -21,6 +21,7 @@ import support
 
 import torch
 
+from ce_worker import receiver
 from ce_worker.vllm import CeWorkerExtension
 from vllm_stand_ins import LayerwiseReload, QuantizedModel, StandInExecutor, StandInMTP, install_modules
 
@@ -120,6 +121,34 @@ class VllmExtensionTest(Harness, unittest.TestCase):
         for i, n in enumerate(names):
             self.assertTrue(torch.equal(model.weights[n.replace(".", "_")], torch.full((4,), float(i))))
         self.assertEqual(self.post, [(model, "target", torch.device("cpu"))])
+
+    def test_a_warm_update_keeps_the_mapping_across_rpc_calls_until_an_abort(self):
+        names = [f"model.layers.{i}.w" for i in range(3)]
+        model = StandInModel(names)
+        worker = extended(StandInWorker)(model)
+        ce = support.Ce()
+        buf = support.ShmBuffer(2 * SLOT)
+        self.addCleanup(buf.close)
+        self.addCleanup(ce.close)
+        self.addCleanup(receiver.process_cache(UUID).drop)
+        for call, (kept, end) in enumerate([(False, "finish"), (True, "finish"), (True, "abort"), (False, "finish")]):
+            rpc = support.Background(lambda: worker.update_weights_from_ipc({UUID: ce.endpoint}))
+            reply = ce.open_cpu(buf, slot_bytes=SLOT, device_uuid=UUID, buffer_id="ce-1-dev0")
+            self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": "ce-1-dev0", "kept": kept}, f"call {call}")
+            if end == "abort":
+                ce.request({"op": "abort", "reason": "another rank failed"})
+                self.assertEqual(rpc.result()["state"], "aborted")
+                self.assertIsNone(receiver.process_cache(UUID).mapping, "abort drops the kept mapping")
+                continue
+            tensors = {n: torch.full((4,), float(call * 10 + i)) for i, n in enumerate(names)}
+            for r in ce.push(buf, tensors, slot_bytes=SLOT):
+                self.assertEqual(r, {"ok": True})
+            self.assertEqual(ce.request({"op": "release", "keep": True}), {"ok": True})
+            self.assertEqual(ce.request({"op": "finish"}), {"ok": True})
+            self.assertEqual(rpc.result()["state"], "finished")
+            self.assertIsNotNone(receiver.process_cache(UUID).mapping, "the mapping stays for the next call")
+            for n, t in tensors.items():
+                self.assertTrue(torch.equal(model.weights[n.replace(".", "_")], t))
 
     def test_endpoints_may_arrive_as_json_text(self):
         model = StandInModel(["w"])

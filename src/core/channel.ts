@@ -88,15 +88,20 @@ export class WorkerChannel {
     return this.ask(d, "load", this.#opts.dialect.load(info), what, signal);
   }
 
-  release(signal?: AbortSignal): Promise<StepReply[]> {
-    return this.#all("release", () => this.#opts.dialect.release(), "release", signal);
+  /**
+   * Ends the update's use of the buffers. keep: ce keeps them allocated for the next update, so a
+   * worker of protocol 2 keeps its mapping (and the next open naming the same buffer_id costs no
+   * handle re-open); without it every worker drops its mapping, as in protocol 1.
+   */
+  release(signal?: AbortSignal, opts: { keep?: boolean } = {}): Promise<StepReply[]> {
+    return this.#all("release", () => this.#opts.dialect.release(opts.keep ?? false), "release", signal);
   }
 
   finish(signal?: AbortSignal): Promise<StepReply[]> {
     return this.#all("finish", () => this.#opts.dialect.finish(), "finish", signal);
   }
 
-  /** Tells every worker to drop its mapping and keep serving; never throws, never waits long. */
+  /** Tells every worker to drop its mapping (a kept one too) and keep serving; never throws, never waits long. */
   async abort(reason: string): Promise<void> {
     const frames = this.#opts.dialect.abort(reason);
     // A worker that never answers abort (the reference system's raises it) is only told.

@@ -246,6 +246,7 @@ export class UpdateSession {
             slotBytes: plan.slotBytes,
             path: ctx.backend === "cpu" ? bufs.ipc[d]!.path() : "",
             handle: bufs.handles[d],
+            bufferId: bufs.ids[d],
             files: run.files,
             buckets: plan.buckets.length,
             tensors: plan.tensorCount,
@@ -255,6 +256,8 @@ export class UpdateSession {
         )
         .then(() => {
           t.opened = performance.now();
+          // Every worker now maps this update's buffers, none an earlier size's: those may go.
+          this.#buffers.freeRetired();
         });
       opened.catch(fail);
       trace = await runPipeline({
@@ -275,7 +278,8 @@ export class UpdateSession {
       });
       if (stop.signal.aborted) throw cause;
       t.data = performance.now();
-      await this.#channel.release(stop.signal);
+      // The buffers stay for the next update: workers keep their mappings.
+      await this.#channel.release(stop.signal, { keep: true });
       await this.#channel.finish(stop.signal);
       // The engine's call returns when its workers are done; a failure meanwhile (a worker died) aborts stop.
       await Promise.race([engineCall, aborted(stop.signal)]);

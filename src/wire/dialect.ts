@@ -31,6 +31,8 @@ export interface OpenInfo {
   path: string;
   /** cuda: the buffer's 64-byte IPC memory handle */
   handle?: Uint8Array;
+  /** names this allocation of the device's IPC buffer (never reused): a worker that still maps it may keep its mapping */
+  bufferId?: string;
   /** extras for progress and verifying receivers */
   files: string[];
   buckets: number;
@@ -57,7 +59,8 @@ export interface Dialect {
   readonly name: string;
   open(info: OpenInfo): Uint8Array[];
   load(info: LoadInfo): Uint8Array[];
-  release(): Uint8Array[];
+  /** keep: ce keeps the buffer allocated, so a worker may keep its mapping for the next open naming it. */
+  release(keep?: boolean): Uint8Array[];
   finish(): Uint8Array[];
   abort(reason: string): Uint8Array[];
   /** Reads a reply; throws (any error) when the frames are not a reply of this dialect, naming why. */

@@ -5,7 +5,10 @@ import { InputError } from "../base/errors";
 import type { Dialect, OpenInfo, Step, StepReply } from "./dialect";
 import definition from "./worker-protocol.json" with { type: "json" };
 
+/** What a worker of this definition speaks, and says in its reply to open. */
 export const PROTOCOL_VERSION = definition.protocol;
+/** The oldest open a worker accepts, and what ce writes: every later addition is optional, so version 1 workers keep working. */
+export const OLDEST_PROTOCOL = definition.oldest;
 export const IPC_HANDLE_BYTES = 64;
 
 export interface WireTensor {
@@ -28,6 +31,9 @@ export interface OpenRequest {
   slots: number;
   slot_bytes: number;
   path: string;
+  /** Version 2: names this allocation of the device's IPC buffer; a worker that keeps its mapping serves
+   *  the update from it (worker-protocol.json says when a mapping is kept and when dropped). */
+  buffer_id?: string;
   /** Extras (protocol 1 ignores unknown fields): the checkpoint's files, for verifying receivers,
    *  and the update's size, for progress and preallocation. */
   files?: string[];
@@ -46,7 +52,7 @@ export interface LoadRequest {
 export type Request =
   | OpenRequest
   | LoadRequest
-  | { op: "release" }
+  | { op: "release"; keep?: boolean }
   | { op: "finish" }
   | { op: "abort"; reason: string };
 
@@ -134,8 +140,8 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
       const backend = obj.backend;
       if (backend !== "cuda" && backend !== "cpu") throw new InputError("E_PROTOCOL", `open: backend must be "cuda" or "cpu"`);
       const protocol = need<number>(obj, "protocol", "integer", "open");
-      if (protocol !== PROTOCOL_VERSION) {
-        throw new InputError("E_PROTOCOL", `open: protocol ${protocol}, this worker speaks ${PROTOCOL_VERSION}`);
+      if (protocol < OLDEST_PROTOCOL || protocol > PROTOCOL_VERSION) {
+        throw new InputError("E_PROTOCOL", `open: protocol ${protocol}, this worker speaks ${OLDEST_PROTOCOL} to ${PROTOCOL_VERSION}`);
       }
       const req: OpenRequest = {
         op,
@@ -149,6 +155,11 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
         slot_bytes: need<number>(obj, "slot_bytes", "integer", "open"),
         path: typeof obj.path === "string" ? obj.path : "",
       };
+      if (obj.buffer_id !== undefined) {
+        // A malformed id is refused, not ignored: ignoring it would still be safe, but it is a sender's bug worth seeing.
+        if (typeof obj.buffer_id !== "string" || obj.buffer_id === "") throw new InputError("E_PROTOCOL", `open: field "buffer_id" must be a non-empty string`);
+        req.buffer_id = obj.buffer_id;
+      }
       if (Array.isArray(obj.files) && obj.files.every((f) => typeof f === "string")) req.files = obj.files as string[];
       for (const k of ["buckets", "tensors", "bytes"] as const) {
         const v = obj[k];
@@ -175,7 +186,11 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
         },
       };
     }
-    case "release":
+    case "release": {
+      if (obj.keep === undefined) return { req: { op } };
+      if (typeof obj.keep !== "boolean") throw new InputError("E_PROTOCOL", `release: field "keep" must be a boolean`);
+      return { req: { op, keep: obj.keep } };
+    }
     case "finish":
       return { req: { op } };
     case "abort":
@@ -207,7 +222,7 @@ export const ceDialect: Dialect = {
     encodeRequest(
       {
         op: "open",
-        protocol: PROTOCOL_VERSION,
+        protocol: OLDEST_PROTOCOL,
         checkpoint: o.checkpoint,
         version: o.version,
         device_uuid: o.deviceUuid,
@@ -216,6 +231,7 @@ export const ceDialect: Dialect = {
         slots: o.slots,
         slot_bytes: o.slotBytes,
         path: o.path,
+        ...(o.bufferId ? { buffer_id: o.bufferId } : {}),
         files: o.files,
         buckets: o.buckets,
         tensors: o.tensors,
@@ -224,7 +240,7 @@ export const ceDialect: Dialect = {
       o.handle,
     ),
   load: (l) => encodeRequest({ op: "load", bucket: l.bucket, slot: l.slot, tensors: l.tensors }),
-  release: () => encodeRequest({ op: "release" }),
+  release: (keep) => encodeRequest(keep ? { op: "release", keep } : { op: "release" }),
   finish: () => encodeRequest({ op: "finish" }),
   abort: (reason) => encodeRequest({ op: "abort", reason }),
   reply(frames: Uint8Array[], step: Step): StepReply {

@@ -2,10 +2,22 @@
 // Python. It maps the slots (CUDA IPC handle, or the CPU backend's shared-memory file), copies
 // every tensor into its own parameter memory (allocated once and kept across updates, as an
 // engine's weights are), and with verify compares its parameters with the checkpoint's bytes.
+// Protocol 2: it keeps its mapping across updates while ce keeps the buffer (worker-protocol.json,
+// "the kept mapping"): an open naming the buffer it maps costs no re-open.
 import { CeError, InputError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
 import type { Backend, Buf, Ctx } from "../native/ce";
-import { type OpenRequest, type Reply, type Request, type WireTensor, type WorkerState, encodeReply, parseRequest, transition } from "../wire/protocol";
+import {
+  type OpenRequest,
+  PROTOCOL_VERSION,
+  type Reply,
+  type Request,
+  type WireTensor,
+  type WorkerState,
+  encodeReply,
+  parseRequest,
+  transition,
+} from "../wire/protocol";
 import { readHeader } from "../checkpoint/safetensors";
 import { defaultContext } from "../transport/zmq";
 
@@ -27,9 +39,19 @@ export interface ReceiverOptions {
   signal?: AbortSignal;
 }
 
+/** What a mapping was made from: an open matching all of it may be served from that mapping. */
+function mappingKey(req: OpenRequest, ipcHandle: Uint8Array | undefined): string {
+  const handle = ipcHandle ? Buffer.from(ipcHandle).toString("hex") : "";
+  return JSON.stringify([req.buffer_id, req.backend, req.buffer_bytes, req.path, handle]);
+}
+
 class Receiver {
   state: WorkerState = "idle";
   slot: Buf | undefined;
+  /** The open the mapping was made for, when it named a buffer_id (so it may be kept); else undefined. */
+  slotKey: string | undefined;
+  /** The buffer_id of the mapping kept or in use now, for tests and logs. */
+  mappedId: string | undefined;
   open: OpenRequest | undefined;
   params: Buf | undefined;
   paramBytes = 0;
@@ -80,6 +102,19 @@ class Receiver {
   dropSlot(): void {
     this.slot?.close();
     this.slot = undefined;
+    this.slotKey = undefined;
+    this.mappedId = undefined;
+  }
+
+  /** Maps the open's buffer, or keeps the mapping of it this worker already has; says which. */
+  mapFor(req: OpenRequest, ipcHandle: Uint8Array | undefined): boolean {
+    const key = req.buffer_id !== undefined ? mappingKey(req, ipcHandle) : undefined;
+    if (this.slot && key !== undefined && key === this.slotKey) return true;
+    this.dropSlot();
+    this.slot = ipcHandle ? this.ctx.bufOpenIpc(0, ipcHandle, req.buffer_bytes) : this.ctx.bufOpenPath(req.path, req.buffer_bytes);
+    this.slotKey = key;
+    this.mappedId = req.buffer_id;
+    return false;
   }
 
   async handle(req: Request, ipcHandle: Uint8Array | undefined): Promise<Reply> {
@@ -89,11 +124,18 @@ class Receiver {
       case "open": {
         const backend: Backend = req.backend;
         if (backend !== this.ctx.backend) throw new InputError("E_BACKEND", `ce sent a ${backend} buffer to a ${this.ctx.backend} worker`);
-        this.dropSlot();
-        this.slot = ipcHandle ? this.ctx.bufOpenIpc(0, ipcHandle, req.buffer_bytes) : this.ctx.bufOpenPath(req.path, req.buffer_bytes);
-        this.ensureParams(req);
+        const kept = this.mapFor(req, ipcHandle);
+        try {
+          this.ensureParams(req);
+        } catch (err) {
+          this.dropSlot(); // a failed open keeps nothing
+          throw err;
+        }
         this.open = req;
         this.received.clear();
+        // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
+        if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
+        if (kept) log.debug(`open ${req.checkpoint}@${req.version}: kept the mapping of buffer ${req.buffer_id}`);
         break;
       }
       case "load": {
@@ -114,7 +156,8 @@ class Receiver {
         break;
       }
       case "release":
-        this.dropSlot();
+        // ce keeps the buffer: so does this worker, for the next open naming it.
+        if (!(req.keep && this.slotKey !== undefined)) this.dropSlot();
         break;
       case "finish":
         if (this.verify) await this.verifyAgainst(this.open?.files ?? []);

@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { CeError } from "../../src/base/errors";
 import {
   IPC_HANDLE_BYTES,
+  OLDEST_PROTOCOL,
   type OpName,
   PROTOCOL_VERSION,
   type Request,
@@ -12,6 +13,7 @@ import {
   encodeRequest,
   parseReply,
   parseRequest,
+  ceDialect,
   transition,
 } from "../../src/wire/protocol";
 
@@ -65,6 +67,8 @@ describe("requests", () => {
     ["open on CUDA, with its IPC handle frame", openCuda, handle],
     ["load", load],
     ["release", { op: "release" }],
+    ["release that keeps the mapping", { op: "release", keep: true }],
+    ["open naming its buffer (protocol 2)", { ...openCpu, protocol: PROTOCOL_VERSION, buffer_id: "4242-9f3c0a1b-3-dev0" }, undefined],
     ["finish", { op: "finish" }],
     ["abort", { op: "abort", reason: "worker on CPU device 1 failed bucket 3/9" }],
   ].map((c) => [c[0] as string, c[1] as Request, c[2] as Uint8Array | undefined]);
@@ -92,6 +96,30 @@ describe("requests", () => {
     expect(parseRequest([frame({ op: "abort" })]).req).toEqual({ op: "abort", reason: "" });
   });
 
+  test("ce's dialect writes the oldest protocol in open, names the buffer, and says keep only when it keeps", () => {
+    const info = {
+      checkpoint: "m",
+      version: 2,
+      backend: "cpu" as const,
+      deviceUuid: "CPU-h-0",
+      deviceOrdinal: 0,
+      bufferBytes: 8192,
+      slots: 2,
+      slotBytes: 4096,
+      path: "/dev/shm/ce-x",
+      files: [],
+      buckets: 1,
+      tensors: 1,
+      bytes: 1,
+    };
+    const open = JSON.parse(new TextDecoder().decode(ceDialect.open({ ...info, bufferId: "1-ab-0-dev0" })[0]));
+    // Version 1 workers refuse any other protocol: everything version 2 adds is optional.
+    expect(open).toMatchObject({ protocol: OLDEST_PROTOCOL, buffer_id: "1-ab-0-dev0" });
+    expect("buffer_id" in JSON.parse(new TextDecoder().decode(ceDialect.open(info)[0]))).toBe(false);
+    expect(parseRequest(ceDialect.release(true)).req).toEqual({ op: "release", keep: true });
+    expect(parseRequest(ceDialect.release(false)).req).toEqual({ op: "release" });
+  });
+
   test("a CUDA open without a 64-byte handle is refused when encoding", () => {
     expectProtocolError(() => encodeRequest(openCuda), "E_PROTOCOL", "64-byte IPC handle");
     expectProtocolError(() => encodeRequest(openCuda, new Uint8Array(63)), "E_PROTOCOL", "64-byte IPC handle");
@@ -109,7 +137,11 @@ describe("requests", () => {
     ["an unknown op", [frame({ op: "reload" })], 'unknown op "reload"'],
     ["an op that is not a string", [frame({ op: 3 })], "unknown op 3"],
     ["open with an unknown backend", [frame({ ...openCpu, backend: "rocm" })], 'backend must be "cuda" or "cpu"'],
-    ["open of another protocol version", [frame({ ...openCpu, protocol: PROTOCOL_VERSION + 1 })], `this worker speaks ${PROTOCOL_VERSION}`],
+    ["open of a later protocol version", [frame({ ...openCpu, protocol: PROTOCOL_VERSION + 1 })], `this worker speaks ${OLDEST_PROTOCOL} to ${PROTOCOL_VERSION}`],
+    ["open of protocol 0", [frame({ ...openCpu, protocol: 0 })], `this worker speaks ${OLDEST_PROTOCOL} to ${PROTOCOL_VERSION}`],
+    ["open with an empty buffer_id", [frame({ ...openCpu, buffer_id: "" })], 'field "buffer_id" must be a non-empty string'],
+    ["open with a numeric buffer_id", [frame({ ...openCpu, buffer_id: 7 })], 'field "buffer_id" must be a non-empty string'],
+    ["release with keep as a string", [frame({ op: "release", keep: "true" })], 'field "keep" must be a boolean'],
     ["open without protocol", [frame({ ...openCpu, protocol: undefined })], 'field "protocol"'],
     ["open with a negative buffer size", [frame({ ...openCpu, buffer_bytes: -1 })], 'field "buffer_bytes" must be a non-negative integer'],
     ["open with a fractional slot size", [frame({ ...openCpu, slot_bytes: 4096.5 })], 'field "slot_bytes"'],
@@ -172,7 +204,15 @@ describe("replies", () => {
 const definition = JSON.parse(readFileSync(join(import.meta.dir, "../../src/wire/worker-protocol.json"), "utf8")) as {
   states: WorkerState[];
   transitions: Record<WorkerState, Partial<Record<OpName, WorkerState>>>;
-  frames: { case: string; valid: boolean; op?: string; frames: ({ json: unknown } | { text: string } | { bytes: number })[] }[];
+  protocol: number;
+  oldest: number;
+  frames: {
+    case: string;
+    valid: boolean;
+    op?: string;
+    fields?: Record<string, unknown>;
+    frames: ({ json: unknown } | { text: string } | { bytes: number })[];
+  }[];
 };
 const OPS: OpName[] = ["open", "load", "release", "finish", "abort"];
 
@@ -207,9 +247,20 @@ describe("worker state machine, as worker-protocol.json defines it", () => {
 });
 
 describe("frame cases of worker-protocol.json", () => {
+  test("this end speaks the definition's versions", () => {
+    expect([OLDEST_PROTOCOL, PROTOCOL_VERSION]).toEqual([definition.oldest, definition.protocol]);
+  });
+
   test.each(definition.frames.map((c) => [c.case, c] as const))("%s", (_name, c) => {
     const frames = framesOf(c.frames);
-    if (c.valid) expect(parseRequest(frames).req.op).toBe(c.op as OpName);
-    else expectProtocolError(() => parseRequest(frames), "E_PROTOCOL", "");
+    if (c.valid) {
+      const { req } = parseRequest(frames);
+      expect(req.op).toBe(c.op as OpName);
+      // An absent keep reads as false, as the definition says.
+      for (const [field, value] of Object.entries(c.fields ?? {})) {
+        const got: unknown = (req as Record<string, unknown>)[field] ?? (field === "keep" ? false : undefined);
+        expect({ field, got }).toEqual({ field, got: value });
+      }
+    } else expectProtocolError(() => parseRequest(frames), "E_PROTOCOL", "");
   });
 });
