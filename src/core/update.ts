@@ -61,6 +61,8 @@ export interface ShareRequest {
   files: string[];
   timeoutMs: number;
   onProgress?: (p: Progress) => void;
+  /** Aborts the share (another host failed); checked before anything moves. */
+  signal?: AbortSignal;
 }
 
 /** What one run needs, however it was planned. */
@@ -76,6 +78,7 @@ interface Run {
   timeoutMs: number;
   comm: (signal: AbortSignal) => Promise<void>;
   onProgress?: (p: Progress) => void;
+  signal?: AbortSignal;
   t0: number;
 }
 
@@ -134,19 +137,24 @@ export class UpdateSession {
     return this.#buffers.heldBytes();
   }
 
-  /** Sizes and plans an update of reg on this session's devices. Pure apart from reading free memory. */
-  plan(reg: Registration, req: { bucketBytes?: number; slots?: number }): UpdatePlan {
-    const tensors = tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
+  /** The smallest free memory of this session's devices, counting the buffers it holds as free. */
+  freeBytes(): number {
     const free =
       this.ctx.backend === "cuda"
         ? Math.min(...this.devices.map((d) => cudaMemInfo(d.ordinal).freeBytes))
         : Math.min(...this.devices.map((d) => d.freeBytes));
+    return free + this.#buffers.heldPerDevice();
+  }
+
+  /** Sizes and plans an update of reg on this session's devices. Pure apart from reading free memory. */
+  plan(reg: Registration, req: { bucketBytes?: number; slots?: number }): UpdatePlan {
+    const tensors = tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
     return planUpdate({
       backend: this.ctx.backend,
       tensors,
       ndev: this.devices.length,
       broadcast: this.broadcast,
-      freeBytes: free + this.#buffers.heldPerDevice(),
+      freeBytes: this.freeBytes(),
       bucketBytes: req.bucketBytes,
       slots: req.slots,
     });
@@ -224,10 +232,14 @@ export class UpdateSession {
     const deadline = setTimeout(() => fail(new TimeoutError(`update of ${reg.ckpt.root} not done after ${run.timeoutMs} ms`)), run.timeoutMs);
     const unwatch = this.#watch.follow(this.engine.failure, fail);
     this.#stop = fail;
+    const onAbort = () => fail(run.signal!.reason);
+    if (run.signal?.aborted) fail(run.signal.reason);
+    run.signal?.addEventListener("abort", onAbort, { once: true });
     const ops = new PendingOps(ctx);
 
     let trace;
     try {
+      if (stop.signal.aborted) throw cause;
       if (run.broadcast) await run.comm(stop.signal);
       const engineCall = this.engine.trigger(this.endpoints, run.timeoutMs);
       engineCall.catch(fail);
@@ -296,6 +308,7 @@ export class UpdateSession {
       clearTimeout(deadline);
       unwatch();
       this.#stop = undefined;
+      run.signal?.removeEventListener("abort", onAbort);
     }
     t.end = performance.now();
     return buildSummary(
