@@ -119,7 +119,7 @@ export class Cluster {
 
   /** Binds (host 0) or connects (the others) and starts the heartbeats; never waits for the others. */
   static async start(opts: ClusterOptions, local: LocalHost): Promise<Cluster> {
-    if (!Number.isSafeInteger(opts.nnodes) || opts.nnodes < 2) throw new InputError("E_CLUSTER", `a cluster needs 2 hosts or more, not ${opts.nnodes}`);
+    if (!Number.isSafeInteger(opts.nnodes) || opts.nnodes < 1) throw new InputError("E_CLUSTER", `a cluster needs at least one host, not ${opts.nnodes}`);
     if (!Number.isSafeInteger(opts.nodeRank) || opts.nodeRank < 0 || opts.nodeRank >= opts.nnodes) {
       throw new InputError("E_CLUSTER", `node rank ${opts.nodeRank} is not in 0..${opts.nnodes - 1}`);
     }

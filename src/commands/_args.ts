@@ -171,7 +171,8 @@ export function clusterOptions(args: { nnodes?: string; "node-rank"?: string; "m
         : config.SLURM_NNODES
           ? wholeNumber(config.SLURM_NNODES, "SLURM_NNODES", 1)
           : (fromTorchrun(config.WORLD_SIZE, "WORLD_SIZE") ?? 1);
-  if (nnodes === 1) return undefined;
+  // One host alone needs no cluster, unless --nnodes 1 asks for its code path (a one-host cluster).
+  if (nnodes === 1 && args.nnodes === undefined) return undefined;
   const nodeRank =
     args["node-rank"] !== undefined
       ? wholeNumber(args["node-rank"], "--node-rank", 0)
@@ -179,7 +180,7 @@ export function clusterOptions(args: { nnodes?: string; "node-rank"?: string; "m
         ? wholeNumber(config.NODE_RANK, "NODE_RANK", 0)
         : config.SLURM_NODEID
           ? wholeNumber(config.SLURM_NODEID, "SLURM_NODEID", 0)
-          : fromTorchrun(config.RANK, "RANK");
+          : (fromTorchrun(config.RANK, "RANK") ?? (nnodes === 1 ? 0 : undefined));
   if (nodeRank === undefined) throw new UsageError(`a cluster of ${nnodes} hosts needs this host's rank: --node-rank (or NODE_RANK)`);
   if (nodeRank >= nnodes) throw new UsageError(`--node-rank ${nodeRank} is not below --nnodes ${nnodes}`);
   // Port 0 lets host 0 pick one (tests); the others must be told it.

@@ -185,7 +185,9 @@ for (const c of CASES) {
           `${c.kind} on ${c.device}: ${c.updates} updates, ce wall time median ${walls[walls.length >> 1]!.toFixed(3)} s, max ${walls.at(-1)!.toFixed(3)} s; ` +
             `memory after the first ${JSON.stringify(first)}, after the last ${JSON.stringify(last)}`,
         );
-        expect(last.ce_maps).toBe(0);
+        // The warm path keeps the last update's buffer mapped (protocol 2), and never more than it.
+        expect(last.ce_maps).toBeLessThanOrEqual(1);
+        expect(last.ce_maps).toBe(first!.ce_maps);
         expect(last.fds).toBeLessThanOrEqual(first!.fds);
         if (c.device === "cuda") {
           expect({ allocated: last.allocated, reserved: last.reserved }).toEqual({ allocated: first!.allocated, reserved: first!.reserved });
