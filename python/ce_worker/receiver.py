@@ -347,11 +347,21 @@ def copy_bucket(params: Mapping[str, torch.Tensor], weights: Sequence[Tuple[str,
             raise tag(ValueError(f"shape {list(src.shape)} does not match the parameter's {list(dst.shape)}"), name)
         dsts.append(dst)
         srcs.append(src)
+    # Copied as bytes: a weight update must be bit for bit, and CUDA's foreach copy of a float dtype
+    # does not keep a NaN's payload (measured on an H200 with torch 2.11: random BF16 data came out
+    # changed from the first NaN on). Same dtype, same size: the byte views match one to one.
+    byte_dsts, byte_srcs = [], []
     with torch.no_grad():
+        for dst, src in zip(dsts, srcs):
+            if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous() and dst.numel() > 0:
+                byte_dsts.append(dst.reshape(-1).view(torch.uint8))
+                byte_srcs.append(src.reshape(-1).view(torch.uint8))
+            else:
+                dst.copy_(src)
         if hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(dsts, srcs)
+            torch._foreach_copy_(byte_dsts, byte_srcs)
         else:
-            for dst, src in zip(dsts, srcs):
+            for dst, src in zip(byte_dsts, byte_srcs):
                 dst.copy_(src)
 
 

@@ -203,3 +203,20 @@ print(json.dumps({"summary": summary, **seen}))
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(HAS_GPU, "needs a CUDA GPU")
+class CopyBucketBitExactTest(unittest.TestCase):
+    def test_random_bf16_with_nan_payloads_is_copied_bit_for_bit(self):
+        # Random bytes as BF16 hold NaNs of every payload; a float copy would change some of them.
+        from ce_worker.receiver import copy_bucket
+
+        g = torch.Generator().manual_seed(5)
+        raw = torch.randint(0, 256, (2 * 1_000_003,), dtype=torch.uint8, generator=g).cuda()
+        src = raw.view(torch.bfloat16)
+        small = raw[:4096].view(torch.float16)
+        params = {"w": torch.empty_like(src), "h": torch.empty_like(small)}
+        copy_bucket(params, [("w", src), ("h", small)])
+        torch.cuda.synchronize()
+        self.assertTrue(torch.equal(params["w"].view(torch.uint8), raw))
+        self.assertTrue(torch.equal(params["h"].view(torch.uint8), raw[:4096]))
