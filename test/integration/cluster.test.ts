@@ -4,6 +4,7 @@
 // deadline.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import type { Subprocess } from "bun";
+import { readFileSync, readdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { Sealer } from "../../src/cluster/seal";
@@ -18,6 +19,22 @@ interface Host {
   url: string;
   cluster: string;
   stderr: string[];
+}
+
+/** Pids whose parent is pid (from /proc: no procps needed). */
+function childrenOf(pid: number): number[] {
+  return readdirSync("/proc")
+    .filter((d) => /^\d+$/.test(d))
+    .filter((d) => {
+      try {
+        // The fields after the command's closing parenthesis: state, then the parent's pid.
+        const stat = readFileSync(`/proc/${d}/stat`, "utf8");
+        return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]) === pid;
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
 }
 
 async function startHost(rank: number, devices: number, masterPort: number): Promise<Host> {
@@ -166,7 +183,7 @@ describe("a cluster of three ce serve processes", () => {
       const big = await smallCheckpoint({ files: 3, tensorsPerFile: 40, seed: 44, largestBytes: 8 << 20 });
       try {
         await registerSplit(hosts, "big2", big);
-        const kids = Bun.spawnSync(["pgrep", "-P", String(hosts[1]!.proc.pid)]).stdout.toString().trim().split("\n").filter(Boolean).map(Number);
+        const kids = childrenOf(hosts[1]!.proc.pid);
         expect(kids.length).toBeGreaterThan(0);
         const pending = call(hosts[0]!, "POST", "/v1/update", { checkpoint: "big2" }, 60_000);
         await Bun.sleep(100);
