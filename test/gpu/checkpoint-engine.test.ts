@@ -7,6 +7,7 @@
 // This drives the dialect over one REQ socket itself; once core/channel.ts runs updates with
 // --protocol checkpoint-engine, the same check belongs on `ce update` and beside ce's own protocol
 // in the benchmark.
+import { randomBytes } from "../helpers/ckpt";
 import { describe, expect, test } from "bun:test";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -39,18 +40,6 @@ function skipReason(): string | undefined {
 
 const why = skipReason();
 
-/** Random bytes, fast: a seeded xorshift over 32-bit words. */
-function randomBytes(n: number, seed: number): Uint8Array {
-  const words = new Uint32Array(Math.ceil(n / 4));
-  let x = seed | 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x >>> 0;
-  }
-  return new Uint8Array(words.buffer, 0, n);
-}
 
 interface Layout {
   buckets: SlotTensor[][];

@@ -12,7 +12,7 @@ import { UpdateSession } from "../../src/core/update";
 import { gpu } from "../helpers/gpu";
 import { type RankProc, startRanks } from "../helpers/native-ranks";
 import { NativeError } from "../../src/base/errors";
-import { rng, writeSafetensors } from "../helpers/ckpt";
+import { rng, writeSafetensors, randomBytes } from "../helpers/ckpt";
 
 const SHM = "/dev/shm";
 const GiB = 1024 ** 3;
@@ -26,18 +26,6 @@ function shmLeftovers(): string[] {
   return readdirSync(SHM).filter((f) => f.startsWith(`ce-${process.pid}-`));
 }
 
-/** Random bytes, fast: a seeded xorshift over 32-bit words. */
-function randomBytes(n: number, seed: number): Uint8Array {
-  const words = new Uint32Array(Math.ceil(n / 4));
-  let x = seed | 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x >>> 0;
-  }
-  return new Uint8Array(words.buffer, 0, n);
-}
 
 interface Check {
   file: string;

@@ -123,3 +123,16 @@ export async function expectCeError(run: () => unknown, code: string, ...parts: 
   for (const p of parts) expect(err.message).toContain(p);
   return err;
 }
+
+/** Random bytes, fast: a seeded xorshift over 32-bit words. */
+export function randomBytes(n: number, seed: number): Uint8Array {
+  const words = new Uint32Array(Math.ceil(n / 4));
+  let x = seed | 1;
+  for (let i = 0; i < words.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    words[i] = x >>> 0;
+  }
+  return new Uint8Array(words.buffer, 0, n);
+}

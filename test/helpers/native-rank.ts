@@ -3,6 +3,7 @@
 //   bun test/helpers/native-rank.ts <backend cpu|cuda> <devices, comma-separated>
 // Requests carry "n"; every answer echoes it. A broadcast answers {"event":"submitted"} once its
 // op is submitted, then its result.
+import { randomBytes } from "./ckpt";
 import { readdirSync } from "node:fs";
 import { createInterface } from "node:readline";
 import { NativeError } from "../../src/base/errors";
@@ -15,18 +16,8 @@ function fdCount(): number {
   return readdirSync("/proc/self/fd").length;
 }
 
-/** The bytes every rank of a broadcast expects: a seeded xorshift over 32-bit words. */
-export function pattern(n: number, seed: number): Uint8Array {
-  const words = new Uint32Array(Math.ceil(n / 4));
-  let x = seed | 1;
-  for (let i = 0; i < words.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    words[i] = x >>> 0;
-  }
-  return new Uint8Array(words.buffer, 0, n);
-}
+/** The bytes every rank of a broadcast expects. */
+const pattern = randomBytes;
 
 function firstDifference(a: Uint8Array, b: Uint8Array): number {
   if (Buffer.compare(a, b) === 0) return -1;
