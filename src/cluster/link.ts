@@ -68,6 +68,7 @@ export class Link {
 
   /** Asks host `to` (ignored on a DEALER: it only talks to host 0). */
   async request(to: number, op: string, body: Record<string, unknown>, opts: { timeoutMs: number; payload?: Uint8Array[]; signal?: AbortSignal }): Promise<Message> {
+    if (opts.signal?.aborted) throw opts.signal.reason;
     const id = this.#next++;
     const frames = this.sealer.seal(this.rank, { op, id, body }, opts.payload);
     const what = `host ${to}: reply to ${op}`;
