@@ -90,7 +90,7 @@ export class Cluster {
   #beat: ReturnType<typeof setInterval> | undefined;
   #busy = false;
   /** host 0: the communicator the hosts hold now, and the membership it was made for */
-  #comm: { key: string; members: string } | undefined;
+  #comm: { key: string; members: string; id: Uint8Array } | undefined;
   /** member: when host 0 last answered */
   #masterSeenMs = 0;
   #joined = false;
@@ -214,11 +214,15 @@ export class Cluster {
     });
     const plan: ClusterPlan = planCluster({ checkpoint, backend: this.#local.backend, parts });
     const members = hosts.map((h) => `${h.rank}:${h.inc}`).join(",");
-    if (this.#comm?.members !== members) this.#comm = { key: randomBytes(8).toString("hex"), members };
-    if (this.#local.backend === "cuda") ncclLoad();
-    // The CPU backend's id binds a listener on host 0 that every host's communicator meets at.
-    const id = this.#local.ctx.commUniqueId(`tcp://${this.#opts.masterAddr}:0`);
-    const comm = { id, nranks: plan.nranks, firstRank: 0, key: this.#comm.key };
+    // A new communicator only for new members or after a failure: while it stands, every host keeps
+    // the one it has (its key unchanged) and the id is not used again.
+    if (this.#comm?.members !== members) {
+      if (this.#local.backend === "cuda") ncclLoad();
+      // The CPU backend's id binds a listener on host 0 that every host's communicator meets at.
+      const id = this.#local.ctx.commUniqueId(`tcp://${this.#opts.masterAddr}:0`);
+      this.#comm = { key: randomBytes(8).toString("hex"), members, id };
+    }
+    const comm = { id: this.#comm.id, nranks: plan.nranks, firstRank: 0, key: this.#comm.key };
     const updateId = `${this.#inc}-${++this.#updates}`;
 
     // Every share runs at once; the first failure (or a host going silent) aborts the others.
@@ -279,7 +283,11 @@ export class Cluster {
         }),
       );
       const failures = results.flatMap((r) => (r.status === "rejected" ? [r.reason as unknown] : []));
-      if (failures.length > 0) throw rootCause(failures);
+      if (failures.length > 0) {
+        // Some host's communicator may have died with the update: the next one makes a new one.
+        this.#comm = undefined;
+        throw rootCause(failures);
+      }
       const perHost = results.map((r) => (r as PromiseFulfilledResult<{ host: number } & Omit<UpdateSummary, "trace">>).value);
       const seconds = (performance.now() - t0) / 1000;
       return {

@@ -66,20 +66,10 @@ export interface ShareRequest {
   signal?: AbortSignal;
 }
 
-/** What one run needs, however it was planned. */
-interface Run {
-  reg: Registration;
-  plan: Plan;
-  slots: number;
-  staging: number;
-  fallbacks: string[];
-  firstRank: number;
+/** What one run needs, however it was planned: a share, with how to reach its communicator. */
+interface Run extends Omit<ShareRequest, "comm"> {
   broadcast: boolean;
-  files: string[];
-  timeoutMs: number;
   comm: (signal: AbortSignal) => Promise<void>;
-  onProgress?: (p: Progress) => void;
-  signal?: AbortSignal;
   t0: number;
 }
 

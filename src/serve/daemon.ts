@@ -207,6 +207,7 @@ export class Daemon {
 
   #localStatus(): object {
     const r = this.#running;
+    const stats = this.up.ctx.stats();
     return {
       busy: r !== undefined,
       running: r && { checkpoint: r.checkpoint, seconds: (performance.now() - r.startedMs) / 1000, ...r.progress },
@@ -215,8 +216,8 @@ export class Daemon {
       devices: this.up.set.devices.map((d) => d.uuid),
       engine: this.up.engine.description,
       deviceBytes: this.up.session.heldBytes(),
-      pinnedBytes: this.up.ctx.stats().pinnedBytes,
-      hostBytes: this.up.ctx.stats().regionBytes,
+      pinnedBytes: stats.pinnedBytes,
+      hostBytes: stats.regionBytes,
     };
   }
 
