@@ -126,12 +126,14 @@ class VllmExtensionTest(Harness, unittest.TestCase):
         names = [f"model.layers.{i}.w" for i in range(3)]
         model = StandInModel(names)
         worker = extended(StandInWorker)(model)
-        ce = support.Ce()
         buf = support.ShmBuffer(2 * SLOT)
         self.addCleanup(buf.close)
-        self.addCleanup(ce.close)
         self.addCleanup(receiver.process_cache(UUID).drop)
         for call, (kept, end) in enumerate([(False, "finish"), (True, "finish"), (True, "abort"), (False, "finish")]):
+            # A socket per call: the previous call's REP socket closes as it returns, and a REQ that sent
+            # at once could pick its dying pipe. What is under test is the mapping, which outlives both.
+            ce = support.Ce()
+            self.addCleanup(ce.close)
             rpc = support.Background(lambda: worker.update_weights_from_ipc({UUID: ce.endpoint}))
             reply = ce.open_cpu(buf, slot_bytes=SLOT, device_uuid=UUID, buffer_id="ce-1-dev0")
             self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": "ce-1-dev0", "kept": kept}, f"call {call}")
