@@ -198,8 +198,9 @@ CE_API int ce_digest_bytes(const void *data, uint64_t bytes, uint64_t *digest_ou
  * CE_E_STATE for a GPU op). Async: collect with ce_digest_collect; the spans array is copied. */
 CE_API int ce_digest_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t after,
                             uint64_t *op_out);
-/* As ce_digest_submit over a CPU-backend buffer's host memory: (buf_offset, bytes) pairs.
- * CE_E_INVAL for a GPU buffer (a worker digests that with torch). */
+/* As ce_digest_submit over a buffer's spans: (buf_offset, bytes) pairs. A CPU-backend buffer is
+ * digested in place; a GPU buffer is read back into pinned scratch in 64 MiB rounds (the next
+ * round's copy runs while one is digested), so its rate is the lower of D2H and the threads'. */
 CE_API int ce_buf_digest_submit(ce_ctx_t *ctx, ce_buf_t *buf, const uint64_t *spans, uint64_t nspans, int threads,
                                 uint64_t after, uint64_t *op_out);
 /* ce_op_poll for a digest op that also copies its nspans digests into digests (room for len)

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { openCheckpoint } from "../../src/checkpoint/checkpoint";
 import type { Device } from "../../src/core/devices";
 import { WorkersEngine } from "../../src/engines/workers";
-import { type Backend, type Buf, Ctx, cudaDeviceInfo, cudaMemInfo, ncclUniqueId } from "../../src/native/ce";
+import { type Backend, type Buf, Ctx, cudaDeviceInfo, cudaMemInfo, digestBytes, ncclUniqueId } from "../../src/native/ce";
 import { register, unregister } from "../../src/checkpoint/registry";
 import { UpdateSession } from "../../src/core/update";
 import { gpu } from "../helpers/gpu";
@@ -130,6 +130,25 @@ for (const { backend, skip, why } of backends) {
         for (const r of [...regions, alloc.region]) await ctx.wait(ctx.regionRelease(r), { timeoutMs: 60_000, what: "release" });
       }
       expect(ctx.stats()).toMatchObject({ regions: 0, pinnedBytes: 0, bufs: 0, ops: 0 });
+    });
+
+    test("a buffer's digests equal the digests of the bytes copied into it (GPU: read back in rounds)", { timeout: 300_000 }, async () => {
+      const f = files[0]!; // larger than two 64 MiB read-back rounds on a GPU
+      const m = ctx.regionMapFile(f.path, { pin: true, threads: 4 });
+      await ctx.wait(m.op, { timeoutMs: 120_000, what: "pinning" });
+      const buf = ctx.bufAlloc(0, f.data.length + 4096, { ipc: false });
+      try {
+        await ctx.wait(ctx.h2d(buf, BigUint64Array.from([BigInt(m.region), 0n, 3n, BigInt(f.data.length)])), { timeoutMs: 120_000, what: "H2D" });
+        // Spans at odd offsets and of odd lengths (tails of 1–3 bytes), one empty, one the whole copy.
+        const n = f.data.length;
+        const spans: [number, number][] = [[3, n], [3, 1], [4, 0], [1003, 5 * MiB + 2], [3 + Math.floor(n * 0.6), Math.floor(n * 0.3) + 3], [9, 40_001]];
+        const r = await ctx.bufDigest(buf, BigUint64Array.from(spans.flatMap(([o, n]) => [BigInt(o), BigInt(n)])), { threads: 4, timeoutMs: 120_000 });
+        const want = spans.map(([o, n]) => (n === 0 ? digestBytes(new Uint8Array(0)) : digestBytes(f.data.subarray(o - 3, o - 3 + n))));
+        expect(r.digests).toEqual(want);
+      } finally {
+        buf.close();
+        await ctx.wait(ctx.regionRelease(m.region), { timeoutMs: 60_000, what: "release" });
+      }
     });
 
     test("a broadcast moves a bucket from the owner's staging buffer into every device's slot", { timeout: 300_000 }, async () => {
