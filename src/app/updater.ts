@@ -14,7 +14,7 @@ const log = logger("setup");
 
 /** The engine to trigger: ce's own receivers, or a running engine's HTTP route. */
 export type EngineSpec =
-  | { kind: "workers"; worker: WorkerKind; verify: boolean; /** interpreter for python workers */ python?: string }
+  | { kind: "workers"; worker: WorkerKind; /** interpreter for python workers */ python?: string }
   | { kind: "vllm" | "external"; endpoint: string; /** vllm: drop the prefix cache after an update */ resetPrefixCache?: boolean; summaries?: boolean }
   | { kind: "sglang"; endpoint: string; flushCache?: boolean; weightVersion?: string };
 
@@ -26,6 +26,8 @@ export interface UpdaterOptions {
   opTimeoutMs: number;
   forceBroadcast?: boolean;
   dialect?: Dialect;
+  /** Verify every update by digests unless a request says otherwise. */
+  verify?: boolean;
 }
 
 export interface Updater {
@@ -47,7 +49,7 @@ export async function openUpdater(opts: UpdaterOptions): Promise<Updater> {
   let workers: WorkersEngine | undefined;
   let engine: Engine;
   if (spec.kind === "workers") {
-    workers = new WorkersEngine(spec.worker, set.backend, set.devices, { verify: spec.verify, python: spec.python });
+    workers = new WorkersEngine(spec.worker, set.backend, set.devices, { python: spec.python });
     engine = workers;
   } else if (spec.kind === "sglang") {
     engine = new SglangEngine(spec.endpoint, { flushCache: spec.flushCache, weightVersion: spec.weightVersion });
@@ -61,6 +63,7 @@ export async function openUpdater(opts: UpdaterOptions): Promise<Updater> {
     opTimeoutMs: opts.opTimeoutMs,
     forceBroadcast: opts.forceBroadcast,
     dialect: opts.dialect,
+    verify: opts.verify,
   });
   try {
     await workers?.start(session.endpoints);

@@ -7,7 +7,7 @@ import { config } from "../base/config";
 import { CeError, InputError, NativeError, errorMessage } from "../base/errors";
 import { onRamFs } from "../base/fsinfo";
 import { logger } from "../base/log";
-import type { Ctx } from "../native/ce";
+import { type Ctx, formatDigest } from "../native/ce";
 
 
 export interface RegisteredFile {
@@ -22,9 +22,13 @@ export interface Registration {
   version: number;
   ckpt: Checkpoint;
   files: RegisteredFile[];
-  /** Wall seconds to pin (or read) every file. */
+  /** Wall seconds to pin (or read) every file, digests included. */
   registerSeconds: number;
   inPlace: boolean;
+  /** Tensor name → its digest (docs/digest.md, 16 hex digits), once computed: what verify compares workers with. */
+  digests?: Map<string, string>;
+  /** Wall seconds the digests took, and their rate in bytes per second of tensor data. */
+  digestSeconds?: number;
 }
 
 const OP_TIMEOUT_MS = 10 * 60_000;
@@ -41,7 +45,7 @@ export function pinThreads(): number {
 export async function register(
   ctx: Ctx,
   ckpt: Checkpoint,
-  opts: { name: string; version: number; inPlace?: boolean; threads?: number },
+  opts: { name: string; version: number; inPlace?: boolean; threads?: number; /** compute the tensors' digests (for verify) */ digests?: boolean },
 ): Promise<Registration> {
   await assertUnchanged(ckpt);
   const t0 = performance.now();
@@ -72,25 +76,46 @@ export async function register(
     }
   };
   const pending = ckpt.files.map((f) => ((opts.inPlace ?? onRamFs(f.path)) ? pinInPlace(f.path, f.size) : copyIn(f.path, f.size)));
+  const reg: Registration = { name: opts.name, version: opts.version, ckpt, files, registerSeconds: 0, inPlace: false };
   try {
     const results = await Promise.allSettled(pending);
     const failed = results.find((r) => r.status === "rejected");
     if (failed) throw (failed as PromiseRejectedResult).reason;
     // A file rewritten while it was being read or pinned must not be used.
     await assertUnchanged(ckpt);
+    if (opts.digests) Object.assign(reg, await digestTensors(ctx, reg, totalThreads));
   } catch (err) {
     await releaseFiles(ctx, files).catch((releaseErr) => log.warn(errorMessage(releaseErr)));
     if (err instanceof CeError) throw err;
     throw new InputError("E_REGISTER", `registering ${ckpt.root}: ${(err as Error).message}`, { cause: err });
   }
-  return {
-    name: opts.name,
-    version: opts.version,
-    ckpt,
-    files,
-    registerSeconds: (performance.now() - t0) / 1000,
-    inPlace: files.every((f) => f.inPlace),
-  };
+  reg.registerSeconds = (performance.now() - t0) / 1000;
+  reg.inPlace = files.every((f) => f.inPlace);
+  return reg;
+}
+
+/** Every tensor's digest over the pinned bytes, on threads (one op for the whole checkpoint). */
+async function digestTensors(ctx: Ctx, reg: Registration, threads: number): Promise<{ digests: Map<string, string>; digestSeconds: number }> {
+  const t0 = performance.now();
+  const regionOf = new Map(reg.files.map((f) => [f.path, f.region]));
+  const tensors = reg.ckpt.tensors;
+  const spans = new BigUint64Array(tensors.length * 3);
+  tensors.forEach((t, i) => {
+    spans[3 * i] = BigInt(regionOf.get(t.file)!);
+    spans[3 * i + 1] = BigInt(t.fileOffset);
+    spans[3 * i + 2] = BigInt(t.nbytes);
+  });
+  const r = await ctx.digest(spans, { threads, timeoutMs: OP_TIMEOUT_MS });
+  const digests = new Map(tensors.map((t, i) => [t.name, formatDigest(r.digests[i]!)]));
+  const digestSeconds = (performance.now() - t0) / 1000;
+  log.debug(`digests of ${tensors.length} tensors in ${digestSeconds.toFixed(3)} s (${(reg.ckpt.totalBytes / digestSeconds / 1e9).toFixed(1)} GB/s)`);
+  return { digests, digestSeconds };
+}
+
+/** Computes reg's digests if it has none yet (a registration made without them, then asked to verify). */
+export async function ensureDigests(ctx: Ctx, reg: Registration): Promise<Map<string, string>> {
+  if (!reg.digests) Object.assign(reg, await digestTensors(ctx, reg, pinThreads()));
+  return reg.digests!;
 }
 
 /** Unpins every file, all of them even when some fail; then throws the failures, naming the files. */

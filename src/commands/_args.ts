@@ -46,7 +46,11 @@ export const engineArgs = {
   },
   endpoint: { type: "string", description: "the engine's URL (vllm: the server, e.g. http://127.0.0.1:8000; external: the exact URL)", valueHint: "URL" },
   worker: { type: "string", description: "with --engine workers: ref (built-in, no Python) or python (torch)", valueHint: "ref|python" },
-  verify: { type: "boolean", description: "built-in workers compare every received tensor with the checkpoint's bytes", default: true },
+  verify: {
+    type: "boolean",
+    description: "every worker digests what it loaded and ce compares with the version's digests (docs/digest.md); --no-verify skips it",
+    default: true,
+  },
   broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
   "reset-prefix-cache": {
     type: "boolean",
@@ -119,7 +123,7 @@ export function engineOptions(args: EngineFlags): EngineSpec {
     if (reference) throw new UsageError("--protocol checkpoint-engine drives a running engine's workers: use --engine vllm or sglang with --endpoint");
     const worker = args.worker ?? "ref";
     if (worker !== "ref" && worker !== "python") throw new UsageError(`--worker "${worker}": use ref or python`);
-    return { kind, worker, verify: args.verify ?? true, python: config.CE_PYTHON };
+    return { kind, worker, python: config.CE_PYTHON };
   }
   if (kind !== "vllm" && kind !== "sglang" && kind !== "external") throw new UsageError(`--engine "${kind}": use vllm, sglang, external or workers`);
   if (!args.endpoint) throw new UsageError(`--engine ${kind} needs --endpoint URL`);
@@ -142,6 +146,8 @@ export function updaterOptions(args: EngineFlags & Parameters<typeof deviceOptio
     dialect: protocolOf(args) === "checkpoint-engine" ? checkpointEngineDialect : undefined,
     opTimeoutMs: parseDuration(config.CE_OP_TIMEOUT, "CE_OP_TIMEOUT"),
     forceBroadcast: args.broadcast ?? false,
+    // The reference system's protocol carries no digests.
+    verify: (args.verify ?? true) && protocolOf(args) !== "checkpoint-engine",
   };
 }
 

@@ -55,7 +55,7 @@ export default defineCommand({
     model: { type: "string", description: "Qwen3-0.6B, Qwen3-8B, Qwen3-30B-A3B, or a shapes file ({name,dtype,tensors:[{name,shape}]})", default: "Qwen3-0.6B", valueHint: "MODEL" },
     worker: { type: "string", description: "ref (built-in receiver) or python (torch worker that copies into its own parameters)", default: "ref", valueHint: "ref|python" },
     repeat: { type: "string", description: "timed updates after one warm-up", default: "5", valueHint: "N" },
-    verify: { type: "boolean", description: "workers verify every update byte for byte (slower; off for timing)", default: false },
+    verify: { type: "boolean", description: "verify every update by digests (docs/digest.md): the timed runs then include the workers' digests", default: false },
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
     trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace", valueHint: "FILE" },
@@ -84,7 +84,7 @@ export default defineCommand({
     try {
       up = await openUpdater(options);
       try {
-        const result = await bench(up, synth.ckpt, { model: args.model, worker: args.worker, repeat, bucketBytes, slots, timeoutMs, copyRegister: args["copy-register"], trace: args.trace });
+        const result = await bench(up, synth.ckpt, { model: args.model, worker: args.worker, repeat, bucketBytes, slots, timeoutMs, copyRegister: args["copy-register"], trace: args.trace, verify: args.verify });
         if (args.json) writeJson({ ok: true, ...result });
         else process.stdout.write(table(result));
       } finally {
@@ -100,16 +100,16 @@ export default defineCommand({
 async function bench(
   up: Awaited<ReturnType<typeof openUpdater>>,
   ckpt: Awaited<ReturnType<typeof synthesize>>["ckpt"],
-  o: { model: string; worker: string; repeat: number; bucketBytes?: number; slots?: number; timeoutMs: number; copyRegister: boolean; trace?: string },
+  o: { model: string; worker: string; repeat: number; bucketBytes?: number; slots?: number; timeoutMs: number; copyRegister: boolean; trace?: string; verify: boolean },
 ): Promise<BenchResult> {
   const { ctx, session } = up;
-  const reg = await register(ctx, ckpt, { name: o.model, version: 1 });
+  const reg = await register(ctx, ckpt, { name: o.model, version: 1, digests: o.verify });
   log.info(`registered in place: ${formatSeconds(reg.registerSeconds)} (${reg.inPlace ? "pinned in place" : "read into pinned memory"})`);
   const runs: UpdateSummary[] = [];
   let ceilings: Ceilings;
   try {
     for (let i = 0; i <= o.repeat; i++) {
-      const s = await session.update({ reg, bucketBytes: o.bucketBytes, slots: o.slots, timeoutMs: o.timeoutMs });
+      const s = await session.update({ reg, bucketBytes: o.bucketBytes, slots: o.slots, timeoutMs: o.timeoutMs, verify: o.verify });
       log.info(`${i === 0 ? "warm-up" : `run ${i}/${o.repeat}`}: ${formatSeconds(s.seconds)}, ${gbps(s.bytes, s.seconds).toFixed(1)} GB/s (H2D busy ${formatSeconds(s.stages.h2d)}, reload ${formatSeconds(s.stages.reload)})`);
       if (i > 0) runs.push(s);
     }

@@ -38,7 +38,7 @@ export default defineCommand({
     const options = updaterOptions(args);
     const clustered = clusterOptions(args);
     const up = await openUpdater(options);
-    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots });
+    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots, verify: options.verify ?? false });
     let cluster: Cluster | undefined;
     if (clustered) {
       try {

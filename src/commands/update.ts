@@ -57,8 +57,8 @@ export default defineCommand({
       up = await openUpdater(options);
       try {
         const name = args.name ?? args.synthetic ?? ckpt.root.split("/").filter(Boolean).at(-1)!;
-        const reg = await register(up.ctx, ckpt, { name, version });
-        log.info(`registered ${ckpt.files.length} file${ckpt.files.length === 1 ? "" : "s"} in ${reg.registerSeconds.toFixed(2)} s (${reg.inPlace ? "pinned in place" : "read into pinned memory"})`);
+        const reg = await register(up.ctx, ckpt, { name, version, digests: options.verify });
+        log.info(`registered ${ckpt.files.length} file${ckpt.files.length === 1 ? "" : "s"} in ${reg.registerSeconds.toFixed(2)} s (${reg.inPlace ? "pinned in place" : "read into pinned memory"}${reg.digestSeconds !== undefined ? `, digests ${reg.digestSeconds.toFixed(2)} s` : ""})`);
         const progress = new Progress("bucket", !args.json);
         const t0 = performance.now();
         try {

@@ -7,12 +7,11 @@ import { runReceiver } from "../worker/receiver";
 export default defineCommand({
   meta: {
     name: "worker",
-    description: "run the reference receiver: connect to ce's endpoint, copy every update into its own memory, optionally verify it",
+    description: "run the reference receiver: connect to ce's endpoint, copy every update into its own memory, and digest it when ce asks to verify",
   },
   args: {
     endpoint: { type: "string", description: "the ZeroMQ endpoint ce bound for this device", valueHint: "ipc://@ce-…", required: true },
     device: { type: "string", description: "cpu, or cuda:N for GPU N", default: "cpu", valueHint: "cpu|cuda:N" },
-    verify: { type: "boolean", description: "at finish, compare every tensor with the checkpoint files ce names", default: false },
   },
   async run({ args }) {
     const m = /^cuda:(\d+)$/.exec(args.device);
@@ -31,7 +30,7 @@ export default defineCommand({
       })();
     }
     try {
-      await runReceiver({ ctx, endpoint: args.endpoint, verify: args.verify, signal: stop.signal });
+      await runReceiver({ ctx, endpoint: args.endpoint, signal: stop.signal });
     } finally {
       ctx.close();
     }

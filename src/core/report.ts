@@ -28,6 +28,8 @@ export interface UpdateSummary {
   stages: { h2d: number; bcast: number; reload: number };
   registerSeconds: number;
   inPlace: boolean;
+  /** Tensors whose digests every worker reported equal to the version's; null: not verified. */
+  verified: number | null;
   deviceBytes: number;
   trace: BucketTrace[];
 }
@@ -76,6 +78,7 @@ export function summaryLines(s: UpdateSummary): string[] {
     `  phases: plan ${formatSeconds(s.phases.plan)}, buffers ${formatSeconds(s.phases.buffers)}, open ${formatSeconds(s.phases.open)}, data ${formatSeconds(s.phases.data)} (${pct(s.phases.data)}), release+finish ${formatSeconds(s.phases.close)}`,
     `  stage busy time: H2D ${formatSeconds(s.stages.h2d)}${s.mode === "broadcast" ? `, broadcast ${formatSeconds(s.stages.bcast)}` : ""}, reload ${formatSeconds(s.stages.reload)}`,
     `  registration: ${formatSeconds(s.registerSeconds)} (${s.inPlace ? "pinned in place" : "read into pinned memory"})`,
+    `  verify: ${s.verified === null ? "off" : `every worker's digests of ${s.verified} tensors equal the version's`}`,
     ...s.fallbacks.map((f) => `  fallback: ${f}`),
   ];
 }

@@ -6,7 +6,7 @@
 import { CeError, TimeoutError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
 import { assertUnchanged } from "../checkpoint/checkpoint";
-import type { Registration } from "../checkpoint/registry";
+import { type Registration, ensureDigests } from "../checkpoint/registry";
 import type { Engine } from "../engines/types";
 import { type Ctx, cudaMemInfo } from "../native/ce";
 import type { Dialect } from "../wire/dialect";
@@ -19,6 +19,7 @@ import { PendingOps, type Progress, runPipeline } from "./pipeline";
 import { type Plan, tensorRefs } from "./planner";
 import { type PhaseMarks, type UpdateSummary, buildSummary } from "./report";
 import { type UpdatePlan, planUpdate } from "./sizing";
+import { checkDigests } from "./verify";
 import { EngineWatch, aborted } from "./watch";
 
 export type { UpdateSummary } from "./report";
@@ -36,12 +37,16 @@ export interface SessionOptions {
   forceBroadcast?: boolean;
   /** How ce talks to workers; ce's own JSON protocol unless said. */
   dialect?: Dialect;
+  /** Verify updates unless a request says otherwise: every worker digests what it loaded (docs/digest.md). */
+  verify?: boolean;
 }
 
 export interface UpdateRequest {
   reg: Registration;
   bucketBytes?: number;
   slots?: number;
+  /** Override the session's verify for this update. */
+  verify?: boolean;
   timeoutMs: number;
   onProgress?: (p: Progress) => void;
 }
@@ -58,8 +63,10 @@ export interface ShareRequest {
   fallbacks: string[];
   firstRank: number;
   comm: CommSpec;
-  /** every host's files, for receivers that verify against them */
+  /** every host's files, for progress */
   files: string[];
+  /** Every tensor's digest (host 0 gathers them): with them, this host's workers verify. */
+  digests?: Map<string, string>;
   timeoutMs: number;
   onProgress?: (p: Progress) => void;
   /** Aborts the share (another host failed); checked before anything moves. */
@@ -67,7 +74,9 @@ export interface ShareRequest {
 }
 
 /** What one run needs, however it was planned: a share, with how to reach its communicator. */
-interface Run extends Omit<ShareRequest, "comm"> {
+interface Run extends Omit<ShareRequest, "comm" | "digests"> {
+  /** set: ask every worker for digests and compare them with these */
+  expected: Map<string, string> | undefined;
   broadcast: boolean;
   comm: (signal: AbortSignal) => Promise<void>;
   t0: number;
@@ -158,7 +167,9 @@ export class UpdateSession {
       // Refuse a checkpoint whose files changed since registration before anything moves.
       await assertUnchanged(req.reg.ckpt);
       const { plan, slots, staging, fallbacks } = this.plan(req.reg, req);
+      const expected = this.#verifies(req.verify) ? await ensureDigests(this.ctx, req.reg) : undefined;
       return this.#run({
+        expected,
         ...req,
         plan,
         slots,
@@ -178,13 +189,25 @@ export class UpdateSession {
     return this.#exclusive(async () => {
       const t0 = performance.now();
       await assertUnchanged(req.reg.ckpt);
-      return this.#run({ ...req, broadcast: true, comm: (signal) => this.#comm.join(req.comm, req.timeoutMs, signal), t0 });
+      const { digests, ...share } = req;
+      const expected = digests && this.#verifies(undefined) ? digests : undefined;
+      return this.#run({ ...share, expected, broadcast: true, comm: (signal) => this.#comm.join(req.comm, req.timeoutMs, signal), t0 });
     });
   }
 
   /** Stops the update running now, if any (another host failed): it fails with this reason. */
   abortRunning(reason: unknown): void {
     this.#stop?.(reason);
+  }
+
+  /** Whether this update verifies: the request's say, else the session's; only dialects with digests can. */
+  #verifies(asked: boolean | undefined): boolean {
+    const want = asked ?? this.#opts.verify ?? false;
+    if (want && !this.#channel.dialect.verifies) {
+      if (asked) throw new CeError("E_VERIFY_UNSUPPORTED", `the ${this.#channel.dialect.name} worker protocol has no digests: verify is not possible`, { hint: "update with verify off" });
+      return false;
+    }
+    return want;
   }
 
   async #exclusive<T>(f: () => Promise<T>): Promise<T> {
@@ -229,6 +252,7 @@ export class UpdateSession {
     const ops = new PendingOps(ctx);
 
     let trace;
+    let verified: number | null = null;
     try {
       if (stop.signal.aborted) throw cause;
       if (run.broadcast) await run.comm(stop.signal);
@@ -250,6 +274,7 @@ export class UpdateSession {
             path: ctx.backend === "cpu" ? bufs.ipc[d]!.path() : "",
             handle: bufs.handles[d],
             bufferId: bufs.ids[d],
+            verify: run.expected !== undefined,
             files: run.files,
             buckets: plan.buckets.length,
             tensors: plan.tensorCount,
@@ -283,7 +308,17 @@ export class UpdateSession {
       t.data = performance.now();
       // The buffers stay for the next update: workers keep their mappings.
       await this.#channel.release(stop.signal, { keep: true });
-      await this.#channel.finish(stop.signal);
+      const finished = await this.#channel.finish(stop.signal);
+      if (run.expected) {
+        verified = checkDigests({
+          replies: finished,
+          expected: run.expected,
+          sent: plan.buckets.flatMap((b) => b.tensors.map((x) => x.name)),
+          checkpoint: reg.name,
+          version: reg.version,
+          worker: (d) => `worker on ${this.deviceLabel(d)}`,
+        });
+      }
       // The engine's call returns when its workers are done; a failure meanwhile (a worker died) aborts stop.
       await Promise.race([engineCall, aborted(stop.signal)]);
     } catch (err) {
@@ -320,6 +355,7 @@ export class UpdateSession {
         fallbacks,
         registerSeconds: reg.registerSeconds,
         inPlace: reg.inPlace,
+        verified,
         deviceBytes: this.heldBytes(),
       },
       t,

@@ -97,7 +97,7 @@ export class WorkersEngine implements Engine {
     private readonly kind: WorkerKind,
     private readonly backend: Backend,
     private readonly specs: WorkerSpec[],
-    private readonly opts: { verify: boolean; /** interpreter for python workers (default python3) */ python?: string },
+    private readonly opts: { /** interpreter for python workers (default python3) */ python?: string } = {},
   ) {
     this.description = `${specs.length} ${kind === "ref" ? "reference" : "Python"} worker${specs.length === 1 ? "" : "s"}`;
     this.failure = this.#newFailure();
@@ -113,9 +113,8 @@ export class WorkersEngine implements Engine {
 
   #command(spec: WorkerSpec, endpoint: string): string[] {
     const device = this.backend === "cuda" ? `cuda:${spec.ordinal}` : "cpu";
-    const verify = this.opts.verify ? ["--verify"] : [];
-    if (this.kind === "ref") return [...selfCommand(), "worker", "--endpoint", endpoint, "--device", device, ...verify];
-    return [this.opts.python ?? "python3", "-m", "ce_worker", "--endpoint", endpoint, "--device", device, ...verify];
+    if (this.kind === "ref") return [...selfCommand(), "worker", "--endpoint", endpoint, "--device", device];
+    return [this.opts.python ?? "python3", "-m", "ce_worker", "--endpoint", endpoint, "--device", device];
   }
 
   async start(endpoints: Record<string, string>): Promise<void> {

@@ -13,7 +13,7 @@ export const RegisterBody = v.object({
   version: v.optional(count, 1),
 });
 
-export const UpdateBody = v.object({ checkpoint: name });
+export const UpdateBody = v.object({ checkpoint: name, verify: v.optional(v.boolean()) });
 
 /** The parsed body, or an InputError E_BAD_REQUEST naming each field that is wrong. */
 export function parseBody<S extends v.GenericSchema>(schema: S, body: unknown): v.InferOutput<S> {

@@ -21,6 +21,8 @@ export interface ServeOptions {
   timeoutMs: number;
   /** Directories whose files may be registered. */
   roots: string[];
+  /** Updates verify by default: registrations compute their digests. */
+  verify: boolean;
 }
 
 interface Progress {
@@ -81,7 +83,7 @@ export class Daemon {
     this.#registering.add(name);
     let reg: Registration;
     try {
-      reg = await register(this.up.ctx, await openCheckpoint(path), { name, version: v });
+      reg = await register(this.up.ctx, await openCheckpoint(path), { name, version: v, digests: this.opts.verify });
     } finally {
       this.#registering.delete(name);
     }
@@ -103,7 +105,7 @@ export class Daemon {
 
   /** One update: of this host, or (in a cluster) of every host, from whichever host was asked. */
   async update(body: unknown): Promise<Summary | ClusterSummary> {
-    const { checkpoint } = parseBody(UpdateBody, body);
+    const { checkpoint, verify } = parseBody(UpdateBody, body);
     if (this.#cluster) {
       const s = await this.#cluster.update(checkpoint, this.opts.timeoutMs);
       log.info(`updated ${checkpoint}@${s.version} on ${s.hosts} hosts (${s.ranks} ranks): ${s.seconds.toFixed(3)} s, ${s.gbps.toFixed(1)} GB/s`);
@@ -111,7 +113,7 @@ export class Daemon {
     }
     const reg = this.#get(checkpoint);
     const summary = await this.#track(checkpoint, (onProgress) =>
-      this.up.session.update({ reg, bucketBytes: this.opts.bucketBytes, slots: this.opts.slots, timeoutMs: this.opts.timeoutMs, onProgress }),
+      this.up.session.update({ reg, bucketBytes: this.opts.bucketBytes, slots: this.opts.slots, verify, timeoutMs: this.opts.timeoutMs, onProgress }),
     );
     log.info(`updated ${checkpoint}@${reg.version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s`);
     return summary;

@@ -119,6 +119,7 @@ export interface CheckpointEngineDialect extends Dialect {
 
 export const checkpointEngineDialect: CheckpointEngineDialect = {
   name: "checkpoint-engine",
+  verifies: false,
 
   open(info: OpenInfo): Uint8Array[] {
     if (info.backend !== "cuda") {

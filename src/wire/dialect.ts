@@ -33,7 +33,9 @@ export interface OpenInfo {
   handle?: Uint8Array;
   /** names this allocation of the device's IPC buffer (never reused): a worker that still maps it may keep its mapping */
   bufferId?: string;
-  /** extras for progress and verifying receivers */
+  /** ask the worker for the digest of every tensor it loaded, in its reply to finish */
+  verify?: boolean;
+  /** extras for progress */
   files: string[];
   buckets: number;
   tensors: number;
@@ -57,6 +59,8 @@ export interface StepReply {
 export interface Dialect {
   /** "ce" or "checkpoint-engine", for logs and errors */
   readonly name: string;
+  /** Whether its workers can be asked to verify (digests in the reply to finish). */
+  readonly verifies: boolean;
   open(info: OpenInfo): Uint8Array[];
   load(info: LoadInfo): Uint8Array[];
   /** keep: ce keeps the buffer allocated, so a worker may keep its mapping for the next open naming it. */

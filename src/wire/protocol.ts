@@ -34,8 +34,11 @@ export interface OpenRequest {
   /** Version 2: names this allocation of the device's IPC buffer; a worker that keeps its mapping serves
    *  the update from it (worker-protocol.json says when a mapping is kept and when dropped). */
   buffer_id?: string;
-  /** Extras (protocol 1 ignores unknown fields): the checkpoint's files, for verifying receivers,
-   *  and the update's size, for progress and preallocation. */
+  /** Version 2: the reply to finish must carry "digests", {tensor: 16 hex digits} of every tensor
+   *  loaded since this open, computed from what the worker loaded (docs/digest.md). */
+  verify?: boolean;
+  /** Extras (protocol 1 ignores unknown fields): the checkpoint's files, and the update's size, for
+   *  progress and preallocation. */
   files?: string[];
   buckets?: number;
   tensors?: number;
@@ -160,6 +163,10 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
         if (typeof obj.buffer_id !== "string" || obj.buffer_id === "") throw new InputError("E_PROTOCOL", `open: field "buffer_id" must be a non-empty string`);
         req.buffer_id = obj.buffer_id;
       }
+      if (obj.verify !== undefined) {
+        if (typeof obj.verify !== "boolean") throw new InputError("E_PROTOCOL", `open: field "verify" must be a boolean`);
+        req.verify = obj.verify;
+      }
       if (Array.isArray(obj.files) && obj.files.every((f) => typeof f === "string")) req.files = obj.files as string[];
       for (const k of ["buckets", "tensors", "bytes"] as const) {
         const v = obj[k];
@@ -218,6 +225,7 @@ export function transition(state: WorkerState, op: OpName): WorkerState {
 /** ce's own protocol as the channel speaks it. */
 export const ceDialect: Dialect = {
   name: "ce",
+  verifies: true,
   open: (o: OpenInfo) =>
     encodeRequest(
       {
@@ -232,6 +240,7 @@ export const ceDialect: Dialect = {
         slot_bytes: o.slotBytes,
         path: o.path,
         ...(o.bufferId ? { buffer_id: o.bufferId } : {}),
+        ...(o.verify ? { verify: true } : {}),
         files: o.files,
         buckets: o.buckets,
         tensors: o.tensors,

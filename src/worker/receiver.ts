@@ -1,12 +1,13 @@
 // The reference receiver behind `ce worker`: what an inference engine's worker does, without
 // Python. It maps the slots (CUDA IPC handle, or the CPU backend's shared-memory file), copies
 // every tensor into its own parameter memory (allocated once and kept across updates, as an
-// engine's weights are), and with verify compares its parameters with the checkpoint's bytes.
+// engine's weights are), and when ce asks it to verify, digests its parameters (docs/digest.md).
 // Protocol 2: it keeps its mapping across updates while ce keeps the buffer (worker-protocol.json,
 // "the kept mapping"): an open naming the buffer it maps costs no re-open.
+import { availableParallelism } from "node:os";
 import { CeError, InputError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
-import type { Backend, Buf, Ctx } from "../native/ce";
+import { type Backend, type Buf, type Ctx, formatDigest } from "../native/ce";
 import {
   type OpenRequest,
   PROTOCOL_VERSION,
@@ -18,7 +19,6 @@ import {
   parseRequest,
   transition,
 } from "../wire/protocol";
-import { readHeader } from "../checkpoint/safetensors";
 import { defaultContext } from "../transport/zmq";
 
 const log = logger("worker");
@@ -35,7 +35,6 @@ interface Param {
 export interface ReceiverOptions {
   ctx: Ctx;
   endpoint: string;
-  verify: boolean;
   signal?: AbortSignal;
 }
 
@@ -61,11 +60,10 @@ class Receiver {
   layoutKey = "";
   /** tensors received in the current session */
   received = new Set<string>();
+  /** The last update finished here, told to ce at open; undefined once a failed update may have left partial weights. */
+  holds: { checkpoint: string; version: number } | undefined;
 
-  constructor(
-    readonly ctx: Ctx,
-    readonly verify: boolean,
-  ) {}
+  constructor(readonly ctx: Ctx) {}
 
   /** Room for every tensor of the update, each 256-aligned; grown (and the layout reset) only when too small. */
   ensureParams(req: OpenRequest): void {
@@ -135,6 +133,7 @@ class Receiver {
         this.received.clear();
         // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
         if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
+        if (this.holds) reply = { ...reply, ...this.holds };
         if (kept) log.debug(`open ${req.checkpoint}@${req.version}: kept the mapping of buffer ${req.buffer_id}`);
         break;
       }
@@ -151,6 +150,7 @@ class Receiver {
           copies[i * 3 + 2] = BigInt(t.nbytes);
           this.received.add(t.name);
         });
+        this.holds = undefined; // from here until finish, the parameters are neither the old version nor the new
         // The reply hands the slot back to ce: only once the copies are done.
         await this.ctx.wait(this.ctx.d2d(this.params!, slot, copies), { timeoutMs: OP_TIMEOUT_MS, what: `copying bucket ${req.bucket}` });
         break;
@@ -160,10 +160,12 @@ class Receiver {
         if (!(req.keep && this.slotKey !== undefined)) this.dropSlot();
         break;
       case "finish":
-        if (this.verify) await this.verifyAgainst(this.open?.files ?? []);
         reply = { ok: true, tensors: this.received.size, bytes: [...this.received].reduce((s, n) => s + this.layout.get(n)!.nbytes, 0) };
+        if (this.open?.verify) reply.digests = await this.digests();
+        this.holds = { checkpoint: this.open!.checkpoint, version: this.open!.version };
         break;
       case "abort":
+        if (this.received.size) this.holds = undefined;
         this.dropSlot();
         log.warn(`update aborted by ce: ${req.reason}`);
         break;
@@ -172,53 +174,17 @@ class Receiver {
     return reply;
   }
 
-  /** Every tensor of the checkpoint files arrived this session, and each equals its bytes in the file. */
-  async verifyAgainst(files: string[]): Promise<void> {
-    if (files.length === 0) throw new InputError("E_VERIFY", "verify: ce named no checkpoint files in open");
-    const expected = new Map<string, { file: number; fileOffset: number; nbytes: number }>();
-    const headers = await Promise.all(files.map(readHeader));
-    headers.forEach((h, file) => {
-      for (const t of h.tensors) expected.set(t.name, { file, fileOffset: t.fileOffset, nbytes: t.nbytes });
+  /** The digest of every tensor received this session, as its parameter holds it now. */
+  async digests(): Promise<Record<string, string>> {
+    const names = [...this.received];
+    const spans = new BigUint64Array(names.length * 2);
+    names.forEach((n, i) => {
+      const p = this.layout.get(n)!;
+      spans[2 * i] = BigInt(p.offset);
+      spans[2 * i + 1] = BigInt(p.nbytes);
     });
-    for (const name of this.received) {
-      if (!expected.has(name)) throw new InputError("E_VERIFY", `verify: received tensor ${name}, which no checkpoint file holds`);
-    }
-    for (const name of expected.keys()) {
-      if (!this.received.has(name)) throw new InputError("E_VERIFY", `verify: tensor ${name} never arrived`);
-    }
-    const regions: { region: number; op: bigint }[] = [];
-    try {
-      for (const path of files) regions.push(this.ctx.regionMapFile(path, { pin: false, threads: 1 }));
-      await Promise.all(regions.map((r, i) => this.ctx.wait(r.op, { timeoutMs: OP_TIMEOUT_MS, what: `mapping ${files[i]}` })));
-      // Tensors contiguous both in the parameters and in one file are compared in one go.
-      const runs: { file: number; fileOffset: number; paramOffset: number; bytes: number; names: string[] }[] = [];
-      const sorted = [...this.received].map((n) => ({ n, p: this.layout.get(n)!, e: expected.get(n)! })).sort((a, b) => a.p.offset - b.p.offset);
-      for (const { n, p, e } of sorted) {
-        const last = runs.at(-1);
-        if (last && last.file === e.file && last.paramOffset + last.bytes === p.offset && last.fileOffset + last.bytes === e.fileOffset) {
-          last.bytes += e.nbytes;
-          last.names.push(n);
-        } else {
-          runs.push({ file: e.file, fileOffset: e.fileOffset, paramOffset: p.offset, bytes: e.nbytes, names: [n] });
-        }
-      }
-      for (const run of runs) {
-        if (run.bytes === 0) continue;
-        const r = await this.ctx.wait(this.ctx.compare(this.params!, run.paramOffset, regions[run.file]!.region, run.fileOffset, run.bytes), {
-          timeoutMs: OP_TIMEOUT_MS,
-          what: "comparing parameters with the checkpoint",
-        });
-        if (r.value !== 0) {
-          const at = r.value - 1;
-          let acc = 0;
-          const name = run.names.find((n) => (acc += expected.get(n)!.nbytes) > at) ?? run.names[0];
-          throw new InputError("E_VERIFY", `verify: tensor ${name} differs from ${files[run.file]} (first differing byte ${at} of the run)`);
-        }
-      }
-    } finally {
-      // Every mapping goes, even if one release fails; a failure here must not hide the verdict.
-      await Promise.allSettled(regions.map((r) => this.ctx.wait(this.ctx.regionRelease(r.region), { timeoutMs: OP_TIMEOUT_MS, what: "unmapping" })));
-    }
+    const r = await this.ctx.bufDigest(this.params!, spans, { threads: Math.min(16, availableParallelism()), timeoutMs: OP_TIMEOUT_MS });
+    return Object.fromEntries(names.map((n, i) => [n, formatDigest(r.digests[i]!)]));
   }
 
   close(): void {
@@ -232,7 +198,7 @@ class Receiver {
 export async function runReceiver(opts: ReceiverOptions): Promise<void> {
   const sock = defaultContext().socket("REP");
   sock.connect(opts.endpoint);
-  const rx = new Receiver(opts.ctx, opts.verify);
+  const rx = new Receiver(opts.ctx);
   log.debug(`connected to ${opts.endpoint}`);
   try {
     for (;;) {

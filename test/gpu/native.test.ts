@@ -193,8 +193,8 @@ for (const { backend, skip, why } of backends) {
         const devs = backend === "cuda" ? [0] : [0];
         sctx = Ctx.create(backend, devs);
         devices = devs.map((o, index) => ({ index, ordinal: o, uuid: backend === "cuda" ? cudaDeviceInfo(o).uuid : `CPU-test-${o}`, name: backend, freeBytes: 8 * GiB }));
-        engine = new WorkersEngine("ref", backend, devices, { verify: true });
-        session = new UpdateSession({ ctx: sctx, devices, engine, opTimeoutMs: 60_000 });
+        engine = new WorkersEngine("ref", backend, devices);
+        session = new UpdateSession({ ctx: sctx, devices, engine, opTimeoutMs: 60_000, verify: true });
         await engine.start(session.endpoints);
       });
 
@@ -272,8 +272,8 @@ describe.skipIf(!gpu.ok || !gpu.nccl)(`NCCL broadcast path on one GPU, one rank 
     const dir = mkdtempSync(join(SHM, `ce-test-nccl-${process.pid}-`));
     const ctx = Ctx.create("cuda", [0]);
     const devices = [{ index: 0, ordinal: 0, uuid: cudaDeviceInfo(0).uuid, name: "cuda", freeBytes: 8 * GiB }];
-    const engine = new WorkersEngine("ref", "cuda", devices, { verify: true });
-    const session = new UpdateSession({ ctx, devices, engine, opTimeoutMs: 60_000, forceBroadcast: true });
+    const engine = new WorkersEngine("ref", "cuda", devices);
+    const session = new UpdateSession({ ctx, devices, engine, opTimeoutMs: 60_000, forceBroadcast: true, verify: true });
     try {
       await engine.start(session.endpoints);
       const tensors = Array.from({ length: 40 }, (_, i) => ({ name: `w.${i}`, dtype: "BF16", shape: [513, 37 + i] }));

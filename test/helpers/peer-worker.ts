@@ -1,19 +1,22 @@
 // A scripted worker in its own process, standing in for an inference worker that misbehaves:
-//   bun test/helpers/peer-worker.ts --endpoint E --log FILE [--fail OP:N] [--hang OP:N]
+//   bun test/helpers/peer-worker.ts --endpoint E --log FILE [--fail OP:N] [--hang OP:N] [--drop TENSOR]
 // It connects a REP socket to ce's endpoint and answers every request {"ok":true} after checking it
 // with protocol.ts (frame and state), except the N-th request of OP: --fail answers
 // {"ok":false,"error":...}, --hang never answers. Every request is appended to FILE as one JSON line
 // ({op, bucket}) before it is answered. It exits when its stdin closes (ce, or the test, is gone).
-import { appendFileSync } from "node:fs";
+// Asked to verify (CPU backend), it digests each loaded tensor from the slot's shared-memory file and
+// reports the digests at finish, except the tensor named by --drop: a worker that lost one.
+import { appendFileSync, closeSync, openSync, readSync } from "node:fs";
+import { digestBytes, formatDigest } from "../../src/native/ce";
 import { parseArgs } from "node:util";
 import { type Reply, type WorkerState, encodeReply, parseRequest, transition } from "../../src/wire/protocol";
 import { ZmqContext } from "../../src/transport/zmq";
 
 const { values } = parseArgs({
-  options: { endpoint: { type: "string" }, log: { type: "string" }, fail: { type: "string" }, hang: { type: "string" } },
+  options: { endpoint: { type: "string" }, log: { type: "string" }, fail: { type: "string" }, hang: { type: "string" }, drop: { type: "string" } },
 });
 if (!values.endpoint || !values.log) {
-  process.stderr.write("usage: peer-worker.ts --endpoint E --log FILE [--fail OP:N] [--hang OP:N]\n");
+  process.stderr.write("usage: peer-worker.ts --endpoint E --log FILE [--fail OP:N] [--hang OP:N] [--drop TENSOR]\n");
   process.exit(2);
 }
 
@@ -38,6 +41,19 @@ rep.connect(values.endpoint);
 
 const seen = new Map<string, number>();
 let state: WorkerState = "idle";
+let slotFile: string | undefined;
+let digests: Map<string, string> | undefined;
+
+function digestOf(path: string, offset: number, nbytes: number): string {
+  const bytes = new Uint8Array(nbytes);
+  const fd = openSync(path, "r");
+  try {
+    readSync(fd, bytes, 0, nbytes, offset);
+  } finally {
+    closeSync(fd);
+  }
+  return formatDigest(digestBytes(bytes));
+}
 for (;;) {
   const frames = await rep.recv();
   let reply: Reply = { ok: true };
@@ -50,6 +66,14 @@ for (;;) {
       await new Promise(() => {}); // never answers; stdin's end or a signal ends the process
     }
     state = transition(state, req.op);
+    if (req.op === "open") {
+      slotFile = req.path;
+      digests = req.verify ? new Map() : undefined;
+    }
+    if (req.op === "load" && digests) {
+      for (const t of req.tensors) if (t.name !== values.drop) digests.set(t.name, digestOf(slotFile!, t.offset, t.nbytes));
+    }
+    if (req.op === "finish" && digests) reply = { ok: true, digests: Object.fromEntries(digests) };
     if (failAt && failAt.op === req.op && failAt.n === n) {
       reply = { ok: false, error: `PeerError: scripted failure at ${req.op} #${n}` };
     }

@@ -11,8 +11,8 @@ import { UpdateSession } from "../../src/core/update";
 const [dir, bucket] = process.argv.slice(2);
 const ctx = Ctx.create("cpu", [0]);
 const devices = [{ index: 0, ordinal: 0, uuid: "CPU-small-shm-0", name: "cpu", freeBytes: 8 * 1024 ** 3 }];
-const engine = new WorkersEngine("ref", "cpu", devices, { verify: true });
-const session = new UpdateSession({ ctx, devices, engine, opTimeoutMs: 60_000 });
+const engine = new WorkersEngine("ref", "cpu", devices);
+const session = new UpdateSession({ ctx, devices, engine, opTimeoutMs: 60_000, verify: true });
 try {
   await engine.start(session.endpoints);
   const reg = await register(ctx, await openCheckpoint(dir!), { name: "small-shm", version: 1 });

@@ -112,7 +112,8 @@ export function cpuUpdater(n: number, opts: { worker?: "ref" | "python"; python?
     openUpdater({
       backend: "cpu",
       select: { count: n },
-      engine: { kind: "workers", worker: opts.worker ?? "ref", verify: opts.verify ?? true, python: opts.python },
+      engine: { kind: "workers", worker: opts.worker ?? "ref", python: opts.python },
+      verify: opts.verify ?? true,
       opTimeoutMs: opts.opTimeoutMs ?? 30_000,
       forceBroadcast: opts.forceBroadcast,
     }),
@@ -161,8 +162,8 @@ export function processGone(pid: number): boolean {
 
 /** What the worker of one device is: a real `ce worker`, or the scripted peer of peer-worker.ts. */
 export type PeerScript =
-  | { kind: "ref"; verify?: boolean }
-  | { kind: "peer"; fail?: string; hang?: string; log: string };
+  | { kind: "ref" }
+  | { kind: "peer"; fail?: string; hang?: string; drop?: string; log: string };
 
 /**
  * An engine whose workers are chosen per device and per generation (reset starts the next one): so a
@@ -195,8 +196,8 @@ export class ScriptedEngine implements Engine {
       const endpoint = endpoints[uuid]!;
       const cmd =
         s.kind === "ref"
-          ? [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu", ...(s.verify === false ? [] : ["--verify"])]
-          : [process.execPath, PEER, "--endpoint", endpoint, "--log", s.log, ...(s.fail ? ["--fail", s.fail] : []), ...(s.hang ? ["--hang", s.hang] : [])];
+          ? [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu"]
+          : [process.execPath, PEER, "--endpoint", endpoint, "--log", s.log, ...(s.fail ? ["--fail", s.fail] : []), ...(s.hang ? ["--hang", s.hang] : []), ...(s.drop ? ["--drop", s.drop] : [])];
       return Bun.spawn(cmd, {
         stdin: "pipe",
         stdout: "ignore",

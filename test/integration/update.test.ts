@@ -4,7 +4,7 @@
 // successful update is a byte-exact one.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { heapStats } from "bun:jsc";
-import { appendFileSync, truncateSync, utimesSync, writeFileSync } from "node:fs";
+import { appendFileSync, readFileSync, truncateSync, utimesSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -81,7 +81,8 @@ function update(session: UpdateSession, reg: Registration, opts: { bucketBytes?:
 
 /** The summary counts what the checkpoint holds, and its trace covers every bucket on every device. */
 function expectSummary(s: UpdateSummary, t: TestCheckpoint, ndev: number, mode: "direct" | "broadcast"): void {
-  expect(s).toMatchObject({ checkpoint: "test-model", version: 1, backend: "cpu", bytes: t.bytes, tensors: t.tensors, mode });
+  // Byte-exact: every worker's digest of every tensor equals the registration's.
+  expect(s).toMatchObject({ checkpoint: "test-model", version: 1, backend: "cpu", bytes: t.bytes, tensors: t.tensors, mode, verified: t.tensors });
   expect(s.devices).toHaveLength(ndev);
   expect(s.buckets).toBeGreaterThanOrEqual(1);
   expect(s.trace.map((b) => b.index)).toEqual([...Array(s.buckets).keys()]);
@@ -100,11 +101,6 @@ function expectSummary(s: UpdateSummary, t: TestCheckpoint, ndev: number, mode: 
 }
 
 /** Gives `to` the timestamps of `from`, to the nanosecond (coreutils touch -r; Bun's shell touch has no -r). */
-function touchLike(from: string, to: string): void {
-  const r = Bun.spawnSync(["touch", "-r", from, to], { stderr: "pipe" });
-  if (r.exitCode !== 0) throw new Error(`touch -r ${from} ${to}: ${r.stderr.toString()}`);
-}
-
 /** Waits for every process to be gone, up to a deadline. */
 async function allGone(pids: number[]): Promise<boolean> {
   const deadline = performance.now() + 10_000;
@@ -244,38 +240,35 @@ async function rewriteWithNewBytes(t: TestCheckpoint, seed: number): Promise<voi
 
 describe("a failed update leaves the session ready for the next one", () => {
   test(
-    "a worker whose verify fails at finish fails the update with its message, and the next update succeeds",
+    "a byte flipped in pinned memory after the digests were taken fails verify naming tensor, worker and version; the next update succeeds",
     async () => {
       const t = await smallCheckpoint({ files: 2, tensorsPerFile: 20, seed: 21 });
-      const ref = await mkdtemp(join(tmpdir(), "ce-test-ref-"));
       try {
         await withUpdater(await cpuUpdater(2), async (up) => {
-          // Registered (read into pinned memory) before the file changes in place, mtime kept:
-          // ce cannot see it, a verifying worker must.
-          const reg = await register(up.ctx, t.ckpt, { name: "test-model", version: 1, inPlace: false });
+          const reg = await register(up.ctx, t.ckpt, { name: "test-model", version: 1, inPlace: false, digests: true });
           try {
+            expect(reg.digests?.size).toBe(t.tensors);
             const victim = t.ckpt.tensors.find((x) => x.nbytes >= 64)!;
-            touchLike(victim.file, join(ref, "stamp"));
-            const fd = Bun.file(victim.file);
-            const bytes = new Uint8Array(await fd.arrayBuffer());
-            for (let i = 0; i < 16; i++) bytes[victim.fileOffset + i]! ^= 0xff;
-            writeFileSync(victim.file, bytes);
-            touchLike(join(ref, "stamp"), victim.file);
-
-            const err = await expectCeError(() => update(up.session, reg), "E_WORKER", "failed finish", "E_VERIFY", victim.name);
+            const region = reg.files.find((f) => f.path === victim.file)!.region;
+            // ce's own copy changes under it (a bad DIMM, a stray write): only the digests can tell.
+            const original = readFileSync(victim.file).subarray(victim.fileOffset + 5, victim.fileOffset + 6);
+            up.ctx.regionWrite(region, victim.fileOffset + 5, new Uint8Array([original[0]! ^ 0x01]));
+            const err = await expectCeError(() => update(up.session, reg), "E_VERIFY", `tensor ${victim.name} on worker on CPU device`, "test-model version 1", "expected");
             expect(err).toBeInstanceOf(WorkerError);
-            expect(err.message).toMatch(/worker on CPU device \d \(CPU-.*-\d\)/);
             expect(shmBuffersOf()).toEqual([]);
             expect(up.ctx.stats()).toMatchObject({ bufs: 0, ops: 0, regions: 2 });
           } finally {
             await unregister(up.ctx, reg);
           }
-          // Registered again, the pinned copy holds the file's new bytes.
-          await registered(up, t, async (reg2) => expectSummary(await update(up.session, reg2), t, 2, "direct"));
+          // Registered again, the pinned copy holds the file's bytes and verifies.
+          await registered(up, t, async (reg2) => {
+            const s = await update(up.session, reg2);
+            expectSummary(s, t, 2, "direct");
+            expect(s.verified).toBe(t.tensors);
+          });
         });
       } finally {
         await t.dir.cleanup();
-        await rm(ref, { recursive: true, force: true });
       }
     },
     TEST_MS,
@@ -379,7 +372,7 @@ describe("a failed update leaves the session ready for the next one", () => {
         set.devices.map((d) => d.uuid),
         (d) => ({ kind: "peer", log: join(logs, `peer-${d}.log`) }),
       );
-      const session = new UpdateSession({ ctx, devices: set.devices, engine, opTimeoutMs: 30_000 });
+      const session = new UpdateSession({ ctx, devices: set.devices, engine, opTimeoutMs: 30_000, verify: true });
       engine.start(session.endpoints);
       try {
         const file = t.ckpt.files[1]!;
@@ -432,7 +425,7 @@ describe("a failed update leaves the session ready for the next one", () => {
       set.devices.map((d) => d.uuid),
       (d, generation) => (generation === 0 ? first(d, logOf(d)) : { kind: "ref" }),
     );
-    const session = new UpdateSession({ ctx, devices: set.devices, engine, opTimeoutMs });
+    const session = new UpdateSession({ ctx, devices: set.devices, engine, opTimeoutMs, verify: true });
     engine.start(session.endpoints);
     return {
       ctx,
@@ -582,6 +575,25 @@ describe("a failed update leaves the session ready for the next one", () => {
     },
     TEST_MS,
   );
+  test(
+    "a worker that drops a tensor fails verify naming the tensor and the worker, and the next update succeeds",
+    async () => {
+      const victim = ck.ckpt.tensors[Math.floor(ck.ckpt.tensors.length / 2)]!.name;
+      const s = await scripted(2, (d, log) => (d === 1 ? { kind: "peer", log, drop: victim } : { kind: "peer", log }), 30_000);
+      try {
+        await registered(s, ck, async (reg) => {
+          await expectCeError(() => update(s.session, reg), "E_VERIFY", `tensor ${victim} is missing on worker on CPU device 1`);
+          // The verdict came after finish: both workers took every bucket, and were told to abort.
+          expect(peerLog(s.logOf(1)).map((r) => r.op).slice(-3)).toEqual(["release", "finish", "abort"]);
+          expect(shmBuffersOf()).toEqual([]);
+          expectSummary(await update(s.session, reg), ck, 2, "direct");
+        });
+      } finally {
+        await s.close();
+      }
+    },
+    TEST_MS,
+  );
 });
 
 describe("an update through the external engine (the vLLM-style HTTP trigger)", () => {
@@ -601,7 +613,7 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
           if (refuse) return new Response("engine says no", { status: 500 });
           for (const endpoint of Object.values(body.args[0]!)) {
             if (workers.has(endpoint)) continue;
-            const cmd = [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu", "--verify"];
+            const cmd = [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu"];
             workers.set(endpoint, Bun.spawn(cmd, { stdin: "pipe", stdout: "ignore", stderr: "inherit" }));
           }
           // What vLLM's /collective_rpc answers: one summary per worker.
@@ -612,7 +624,7 @@ describe("an update through the external engine (the vLLM-style HTTP trigger)", 
       const up = await within(
         60_000,
         "opening the updater",
-        openUpdater({ backend: "cpu", select: { count: 2 }, engine: { kind: "external", endpoint: url }, opTimeoutMs: 30_000 }),
+        openUpdater({ backend: "cpu", select: { count: 2 }, engine: { kind: "external", endpoint: url }, opTimeoutMs: 30_000, verify: true }),
       );
       try {
         await withUpdater(up, async () => {
@@ -670,8 +682,8 @@ describe("a session", () => {
     async () => {
       const tiny = await smallCheckpoint({ files: 1, tensorsPerFile: 12, seed: 51, largestBytes: 4096 });
       try {
-        // Without verify: the leaks looked for are ce's own, and verify's file mapping would double the time.
-        await withUpdater(await cpuUpdater(2, { verify: false }), async (up) => {
+        // Verified, as by default: the digests' ops and buffers must not leak either.
+        await withUpdater(await cpuUpdater(2), async (up) => {
           await registered(up, tiny, async (reg) => {
             // One bucket: the fewest round trips per update, so 200 of them stay quick.
             const opts = { bucketBytes: tiny.bytes + tiny.tensors * 256 };

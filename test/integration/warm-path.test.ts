@@ -128,8 +128,8 @@ for (const [label, worker, runs, note] of kinds) {
               if (spawned.has(endpoint)) continue;
               const cmd =
                 worker === "ref"
-                  ? [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu", "--verify"]
-                  : [py.python, "-m", "ce_worker", "--endpoint", endpoint, "--device", "cpu", "--verify"];
+                  ? [process.execPath, CLI, "worker", "--endpoint", endpoint, "--device", "cpu"]
+                  : [py.python, "-m", "ce_worker", "--endpoint", endpoint, "--device", "cpu"];
               const env = { ...process.env, PYTHONPATH: PYTHON_PACKAGE_DIR };
               spawned.set(endpoint, Bun.spawn(cmd, { stdin: "pipe", stdout: "ignore", stderr: "inherit", env }));
             }
@@ -140,7 +140,7 @@ for (const [label, worker, runs, note] of kinds) {
         const up = await within(
           60_000,
           "opening the updater",
-          openUpdater({ backend: "cpu", select: { count: 2 }, engine: { kind: "external", endpoint: `http://127.0.0.1:${server.port}/rpc` }, opTimeoutMs: 30_000 }),
+          openUpdater({ backend: "cpu", select: { count: 2 }, engine: { kind: "external", endpoint: `http://127.0.0.1:${server.port}/rpc` }, opTimeoutMs: 30_000, verify: true }),
         );
         try {
           await withRegistered(up, ck, async (reg) => {
@@ -262,8 +262,9 @@ describe("the reference worker follows the definition's mapping cases", () => {
               ...(step.id === false ? {} : { buffer_id: `${process.pid}-${step.buffer}` }),
             };
             const reply = await ask(frame);
-            if (step.id === false) expect({ where, reply }).toEqual({ where, reply: { ok: true } });
-            else expect({ where, reply }).toEqual({ where, reply: { ok: true, protocol: PROTOCOL_VERSION, buffer_id: frame.buffer_id, kept: step.kept } });
+            // Beyond these the reply may say what the worker holds (checkpoint, version).
+            if (step.id === false) expect({ where, reply }).toMatchObject({ where, reply: { ok: true } });
+            else expect({ where, reply }).toMatchObject({ where, reply: { ok: true, protocol: PROTOCOL_VERSION, buffer_id: frame.buffer_id, kept: step.kept } });
           } else if (step.op === "load") {
             const reply = await ask({ op: "load", bucket: 0, slot: 0, tensors: [{ name: "w", dtype: "U8", shape: [16], offset: 0, nbytes: 16 }] });
             expect({ where, reply }).toEqual({ where, reply: { ok: true } });
