@@ -50,7 +50,7 @@ extern "C" {
 #define CE_E_BUSY (-8)     /* the object is in use (a region with copies in flight, a registered range) */
 #define CE_E_TIMEOUT (-9)  /* a deadline passed */
 #define CE_E_ABORTED (-10) /* the operation was aborted */
-#define CE_E_P2P (-11)     /* reserved for the transfer engines */
+#define CE_E_P2P (-11)     /* a transfer engine reported an error */
 #define CE_E_STATE (-12)   /* the call does not fit the object's state */
 #define CE_E_IO (-13)      /* a file could not be opened, read, mapped or created */
 #define CE_E_PEER (-14)    /* a communicator's peer process failed: connection closed or reset, out of step */
@@ -61,6 +61,7 @@ extern "C" {
 
 /* ce_region_map_file flags. */
 #define CE_REGION_PIN 1 /* page-lock the mapping for DMA (cuMemHostRegister); CPU backend ignores it */
+#define CE_REGION_WRITABLE 2 /* map read-write (ce's own files only: a pool's slots, which ce fills) */
 
 /* ce_lib_path libraries. */
 #define CE_LIB_CUDA 1
@@ -132,10 +133,11 @@ CE_API int ce_ctx_stats(ce_ctx_t *ctx, uint64_t *stats, uint64_t len);
  * with cuMemHostRegister in parallel chunks, portable; CPU: not pinned).
  * Async: the region id is valid at once, usable when the op completes. */
 CE_API int ce_region_alloc(ce_ctx_t *ctx, uint64_t bytes, uint32_t *region_out, uint64_t *op_out);
-/* Maps a file read-only and, with CE_REGION_PIN, page-locks the mapping in place in `threads`
- * chunks in parallel (cuMemHostRegister, read-only, portable); without, the op populates the page
- * tables (never the caller's thread). The file is never modified, and its descriptor is closed
- * before this returns. Async as above; bytes_out is the file size. */
+/* Maps a file read-only (read-write with CE_REGION_WRITABLE: then writes and file reads into the
+ * region are allowed) and, with CE_REGION_PIN, page-locks the mapping in place in `threads`
+ * chunks in parallel (cuMemHostRegister, portable; read-only unless writable); without, the op
+ * populates the page tables (never the caller's thread). A read-only file is never modified, and
+ * its descriptor is closed before this returns. Async as above; bytes_out is the file size. */
 CE_API int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int threads, uint64_t *bytes_out,
                        uint32_t *region_out, uint64_t *op_out);
 /* Reads `bytes` of a file at file_offset into a region at region_offset, `threads` preads in parallel. Async. */
@@ -244,6 +246,71 @@ CE_API int ce_bcast_submit(ce_ctx_t *ctx, int root, ce_buf_t *src, uint64_t src_
                     uint64_t ndsts, uint64_t dst_offset, uint64_t bytes, uint64_t after, uint64_t *op_out);
 /* ce_comm_abort (kept for ABI 1.1 callers). */
 CE_API int ce_nccl_abort(ce_ctx_t *ctx);
+
+/* ---- transfer engine (P2P: a new instance pulls bytes from other hosts' pinned memory) ----
+ *
+ * A transfer endpoint is one engine instance on a context, with a progress thread of libce's own.
+ * The owner of the bytes registers its memory and hands the remote-key blob of each registration
+ * to readers out of band, with its address blob; a reader connects to the owner's address (a peer)
+ * and reads ranges named by the key into its own host memory. Blobs are bytes with a ce header
+ * (magic, engine): a blob of another engine or a damaged one is refused by name. A read op
+ * completes through ce_op_poll like every op; its value is the bytes it read.
+ *
+ * Engines: UCX (libucp.so.0: RMA gets over what UCX_TLS allows, TCP, shared memory, RDMA; the
+ * UCX_* environment applies) and Mooncake (libtransfer_engine.so: loads, endpoints not built yet).
+ *
+ * Over TCP, UCX serves a peer's read in the owner's progress thread from the address the reader
+ * names, unchecked: the key does not guard memory there as an RDMA NIC does. Keep UCX on a trusted
+ * network, and keep memory registered (and mapped) until its readers are done. */
+
+#define CE_XFER_UCX 1
+#define CE_XFER_MOONCAKE 2
+
+typedef struct ce_xfer ce_xfer_t; /* a transfer endpoint */
+
+/* dlopens an engine's library (path NULL: libucp.so.0, libtransfer_engine.so) and resolves its
+ * symbols; CE_E_NOLIB with dlopen's words when it cannot. Idempotent. json (may be NULL): for ce
+ * doctor, {"engine","version","path","transports":["tcp/lo",...],"memory_types":["host",...]};
+ * for UCX it makes a context to ask (tens of ms), so the UCX_* environment shows. */
+CE_API int ce_xfer_load(int engine, const char *path, char *json, uint64_t len);
+/* Creates an endpoint of a loaded engine on ctx and starts its progress thread. */
+CE_API int ce_xfer_create(ce_ctx_t *ctx, int engine, ce_xfer_t **xfer_out);
+/* Closes every peer (the reads in flight fail CE_E_ABORTED), frees every registration, stops the
+ * thread. ce_ctx_destroy destroys the context's endpoints too. NULL is fine. Blocks (bounded: the
+ * engine gets 3 s to end the closed peers' handshakes and reads). */
+CE_API void ce_xfer_destroy(ce_xfer_t *xfer);
+/* The endpoint's address blob, what a peer passes to ce_xfer_connect. bytes_out: its size, also
+ * set when len is too small (CE_E_INVAL). */
+CE_API int ce_xfer_address(ce_xfer_t *xfer, uint8_t *addr, uint64_t len, uint64_t *bytes_out);
+/* Registers a ready region for remote reads (ce_region_release says CE_E_BUSY until it is
+ * deregistered). Blocks for the registration: a moment over TCP; with RDMA the NIC's
+ * registration, which grows with the size. */
+CE_API int ce_xfer_register_region(ce_xfer_t *xfer, uint32_t region, uint32_t *reg_out);
+/* Registers a CPU-backend buffer for remote reads; ce_buf_destroy deregisters it. */
+CE_API int ce_xfer_register_buf(ce_xfer_t *xfer, ce_buf_t *buf, uint32_t *reg_out);
+/* The remote-key blob of a registration (engine key, base address, size) for the owner to hand
+ * to readers. bytes_out as for ce_xfer_address. */
+CE_API int ce_xfer_rkey(ce_xfer_t *xfer, uint32_t reg, uint8_t *rkey, uint64_t len, uint64_t *bytes_out);
+CE_API int ce_xfer_deregister(ce_xfer_t *xfer, uint32_t reg);
+/* Connects to a peer's address blob; name (may be NULL) names it in every message ("host 3").
+ * Non-blocking: the connection completes in the progress thread, reads may be submitted at once. */
+CE_API int ce_xfer_connect(ce_xfer_t *xfer, const uint8_t *addr, uint64_t len, const char *name, uint32_t *peer_out);
+/* Closes a peer now: its reads in flight fail CE_E_ABORTED, later ones at once. Never blocks. */
+CE_API int ce_xfer_disconnect(ce_xfer_t *xfer, uint32_t peer);
+/* Reads from peer's memory named by rkey into region: reads holds (remote_offset, region_offset,
+ * bytes) triples, one op for all. The op fails with the first error: CE_E_PEER naming the peer
+ * when it dies or the path to it breaks; CE_E_TIMEOUT when not done timeout_ms after submission
+ * (0: no limit; one read cannot be cancelled alone, so the peer is closed and its other reads fail
+ * too); CE_E_ABORTED after ce_xfer_disconnect or destroy. A peer that failed before fails the call
+ * at once. Many ops may be in flight. Async; the array is copied. */
+CE_API int ce_xfer_read_region(ce_xfer_t *xfer, uint32_t peer, const uint8_t *rkey, uint64_t rkey_len, uint32_t region,
+                               const uint64_t *reads, uint64_t nreads, int timeout_ms, uint64_t *op_out);
+/* As ce_xfer_read_region into a CPU-backend buffer: (remote_offset, buf_offset, bytes) triples.
+ * A GPU buffer is refused: read into a host region, then ce_h2d_submit. */
+CE_API int ce_xfer_read_buf(ce_xfer_t *xfer, uint32_t peer, const uint8_t *rkey, uint64_t rkey_len, ce_buf_t *buf,
+                            const uint64_t *reads, uint64_t nreads, int timeout_ms, uint64_t *op_out);
+/* [peers alive, registrations, registered bytes, read ops in flight, bytes read], as many as len. */
+CE_API int ce_xfer_stats(ce_xfer_t *xfer, uint64_t *stats, uint64_t len);
 
 /* ---- ops ---- */
 

@@ -24,7 +24,7 @@ double ce_now_ms(void); /* CLOCK_MONOTONIC */
 
 /* ---- regions (pinned.c) ---- */
 enum { REGION_FREE = 0, REGION_PENDING, REGION_READY, REGION_FAILED };
-enum { REGION_ALLOC_ANON = 1, REGION_MAP_FILE };
+enum { REGION_ALLOC_ANON = 1, REGION_MAP_FILE, REGION_MAP_FILE_RW /* CE_REGION_WRITABLE: ce's own file */ };
 
 typedef struct {
   _Atomic int state; /* set by the pinning thread, read by the caller's */
@@ -36,6 +36,7 @@ typedef struct {
   uint64_t chunk_bytes;
   uint32_t nchunks;
   _Atomic int inflight; /* ops reading or writing it */
+  _Atomic int registered; /* transfer-endpoint registrations (xfer.c): peers may read it */
   char path[512];
 } ce_region_t;
 
@@ -97,6 +98,7 @@ struct ce_ctx {
   struct ce_buf *bufs;
   double epoch_host_ms;
   ce_comm_t comm;
+  struct ce_xfer *xfers; /* transfer endpoints (xfer.c), under mu */
 };
 
 /* Makes device d's primary context current on this thread. */
@@ -234,6 +236,12 @@ int ce_comm_defer_spans(ce_ctx_t *ctx, ce_op_t *op, ce_op_t *after, int dev, int
  * CE_OK when the op was issued (it may still fail, see ISSUE_DONE), else an error with nothing queued. */
 int ce_spans_issue(ce_ctx_t *ctx, ce_op_t *op, ce_op_t *after, int dev, int d2d, const ce_span_t *spans, uint64_t n,
                    const char *what);
+
+/* ---- transfer endpoints (xfer.c) ---- */
+/* Destroys every endpoint of the context: their reads fail, their registrations go (destroy). */
+void ce_xfers_free(ce_ctx_t *ctx);
+/* Drops every registration of buf, before it is freed. */
+void ce_xfers_forget_buf(ce_ctx_t *ctx, struct ce_buf *buf);
 
 /* ---- parallel helpers (cpu.c) ---- */
 /* memcpy split over up to `threads` threads for large sizes. */

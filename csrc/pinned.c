@@ -145,7 +145,7 @@ static int pin_job(ce_op_t *op) {
   ce_ctx_t *ctx = op->ctx;
   ce_region_t *r = &ctx->regions[job->id];
   op->value = job->id;
-  if (!job->pin && r->bytes > 0 && r->kind == REGION_MAP_FILE) {
+  if (!job->pin && r->bytes > 0 && r->kind != REGION_ALLOC_ANON) {
     /* Without pinning, fault the page tables in here, off the caller's thread: the copies would
      * otherwise take a fault per 4 KiB page (a full read for a file on disk). */
     if (madvise(r->base, r->bytes, MADV_POPULATE_READ_) != 0) {
@@ -216,7 +216,8 @@ int ce_region_alloc(ce_ctx_t *ctx, uint64_t bytes, uint32_t *region_out, uint64_
 int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int threads, uint64_t *bytes_out,
                        uint32_t *region_out, uint64_t *op_out) {
   if (!ctx || !path || !region_out || !op_out) return ce_fail(CE_E_INVAL, "ce_region_map_file: NULL argument");
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  int writable = (flags & CE_REGION_WRITABLE) != 0;
+  int fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC);
   if (fd < 0) return ce_fail(CE_E_IO, "open(%s): %s", path, strerror(errno));
   struct stat st;
   if (fstat(fd, &st) != 0) {
@@ -227,10 +228,11 @@ int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int thre
   uint64_t bytes = (uint64_t)st.st_size;
   void *p = NULL;
   if (bytes > 0) {
-    /* Read-only and shared: the user's file can never be written through this mapping, and
-     * pinning it copies nothing (a private writable mapping would copy every page on pin). The
-     * pages are faulted in by the op (pin_job), never here on the caller's thread. */
-    p = mmap(NULL, bytes, PROT_READ, MAP_SHARED, fd, 0);
+    /* Shared, and read-only unless asked (ce's own files, such as a pool's slots): a user's file
+     * can never be written through this mapping, and pinning it copies nothing (a private
+     * writable mapping would copy every page on pin). The pages are faulted in by the op
+     * (pin_job), never here on the caller's thread. */
+    p = mmap(NULL, bytes, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) {
       int e = errno;
       close(fd);
@@ -247,10 +249,10 @@ int ce_region_map_file(ce_ctx_t *ctx, const char *path, uint32_t flags, int thre
   ce_region_t *r = &ctx->regions[id];
   r->base = p;
   r->bytes = bytes;
-  r->kind = REGION_MAP_FILE;
+  r->kind = writable ? REGION_MAP_FILE_RW : REGION_MAP_FILE;
   snprintf(r->path, sizeof r->path, "%s", path);
   int pin = (flags & CE_REGION_PIN) && ctx->backend == CE_BACKEND_CUDA;
-  rc = submit_pin(ctx, id, pin, CU_MEMHOSTREGISTER_PORTABLE | CU_MEMHOSTREGISTER_READ_ONLY, threads, op_out);
+  rc = submit_pin(ctx, id, pin, CU_MEMHOSTREGISTER_PORTABLE | (writable ? 0 : CU_MEMHOSTREGISTER_READ_ONLY), threads, op_out);
   if (rc) {
     if (p) munmap(p, bytes);
     region_abandon(ctx, id);
@@ -387,6 +389,9 @@ int ce_region_release(ce_ctx_t *ctx, uint32_t region, uint64_t *op_out) {
     rc = ce_fail(CE_E_BUSY, "region %u (%s) is still being pinned", region, r->path);
   else if (atomic_load(&r->inflight) > 0)
     rc = ce_fail(CE_E_BUSY, "region %u (%s) has %d ops in flight", region, r->path, atomic_load(&r->inflight));
+  else if (atomic_load(&r->registered) > 0)
+    rc = ce_fail(CE_E_BUSY, "region %u (%s) is registered with a transfer endpoint: peers may read it (ce_xfer_deregister first)",
+                 region, r->path);
   pthread_mutex_unlock(&ctx->mu);
   if (rc) return rc;
   release_job_t *job = malloc(sizeof *job);

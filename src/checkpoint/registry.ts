@@ -27,8 +27,10 @@ export interface Registration {
   inPlace: boolean;
   /** Tensor name → its digest (docs/digest.md, 16 hex digits), once computed: what verify compares workers with. */
   digests?: Map<string, string>;
-  /** Wall seconds the digests took, and their rate in bytes per second of tensor data. */
+  /** Wall seconds the digests took. */
   digestSeconds?: number;
+  /** ce's own memory (a pool's slot), not a user's files: nothing to check for changes. */
+  owned?: boolean;
 }
 
 const OP_TIMEOUT_MS = 10 * 60_000;

@@ -117,6 +117,10 @@ export class Cluster {
     return this.#opts.nodeRank;
   }
 
+  get nnodes(): number {
+    return this.#opts.nnodes;
+  }
+
   /** Binds (host 0) or connects (the others) and starts the heartbeats; never waits for the others. */
   static async start(opts: ClusterOptions, local: LocalHost): Promise<Cluster> {
     if (!Number.isSafeInteger(opts.nnodes) || opts.nnodes < 1) throw new InputError("E_CLUSTER", `a cluster needs at least one host, not ${opts.nnodes}`);

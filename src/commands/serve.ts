@@ -7,7 +7,7 @@ import { log, writeJson } from "../base/log";
 import { chmodSync, rmSync } from "node:fs";
 import { resolve } from "node:path";
 import { Daemon } from "../serve/daemon";
-import { MAX_BODY_BYTES, route } from "../serve/routes";
+import { MAX_LAYOUT_BODY_BYTES, route } from "../serve/routes";
 import { openUpdater } from "../app/updater";
 import { Cluster } from "../cluster/cluster";
 import { clusterArgs, clusterOptions, deviceArgs, engineArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
@@ -16,7 +16,7 @@ export default defineCommand({
   meta: {
     name: "serve",
     description:
-      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME, GET /v1/healthz, GET /metrics",
+      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME, pools (POST /v1/pools, POST /v1/pools/NAME/versions, …/versions/N/written, …/versions/N/publish, POST /v1/pools/NAME/rollback, GET and DELETE /v1/pools/NAME), GET /v1/healthz, GET /metrics",
   },
   args: {
     port: { type: "string", description: "HTTP port for the control API (0: any free port, printed at start)", default: "8711", valueHint: "PORT" },
@@ -58,14 +58,14 @@ export default defineCommand({
         // Created 0600 from the start (umask), not chmod-ed after: no moment where others may connect.
         const mask = process.umask(0o177);
         try {
-          server = Bun.serve({ unix: path, fetch, maxRequestBodySize: MAX_BODY_BYTES });
+          server = Bun.serve({ unix: path, fetch, maxRequestBodySize: MAX_LAYOUT_BODY_BYTES });
         } finally {
           process.umask(mask);
         }
         chmodSync(path, 0o600);
         url = `unix:${path}`;
       } else {
-        server = Bun.serve({ hostname: args.host, port, fetch, maxRequestBodySize: MAX_BODY_BYTES });
+        server = Bun.serve({ hostname: args.host, port, fetch, maxRequestBodySize: MAX_LAYOUT_BODY_BYTES });
         url = `http://${args.host}:${server.port}`;
       }
     } catch (err) {

@@ -94,6 +94,8 @@ export interface PipelineInput {
   /** performance.now() when the update started: the trace's zero. */
   t0: number;
   onProgress?: (p: Progress) => void;
+  /** Resolves once a bucket's source bytes are in host memory (a version still being pushed); absent: they are. */
+  sourceReady?: (b: Bucket, signal: AbortSignal) => Promise<void>;
 }
 
 /** Moves every bucket into every device's slot and through its worker; resolves with the per-bucket trace. */
@@ -120,6 +122,11 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
     let h2dOps: OpId[] = [];
     let bcastOp: OpId | undefined;
     const local = b.owner - p.firstRank;
+    const owned = !p.broadcast || (local >= 0 && local < p.ndev);
+    if (owned && p.sourceReady) {
+      await p.sourceReady(b, signal);
+      if (signal.aborted) break;
+    }
     if (p.broadcast && local >= 0 && local < p.ndev) {
       const s = stageNext[local]!++ % bufs.staging;
       const stage = bufs.stage[local]!;

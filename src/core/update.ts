@@ -41,8 +41,18 @@ export interface SessionOptions {
   verify?: boolean;
 }
 
+/** A version whose bytes are still arriving (a pool's slot being pushed): the update streams behind it. */
+export interface StreamingSource {
+  /** resolves once bytes [0, end) of the source region are in place */
+  ready(end: number, signal: AbortSignal): Promise<void>;
+  /** every tensor's digest, once all arrived */
+  digests(): Promise<Map<string, string>>;
+}
+
 export interface UpdateRequest {
   reg: Registration;
+  /** set: the registration's bytes are still arriving; H2D of each bucket waits for its bytes */
+  source?: StreamingSource;
   bucketBytes?: number;
   slots?: number;
   /** Override the session's verify for this update. */
@@ -75,8 +85,9 @@ export interface ShareRequest {
 
 /** What one run needs, however it was planned: a share, with how to reach its communicator. */
 interface Run extends Omit<ShareRequest, "comm" | "digests"> {
-  /** set: ask every worker for digests and compare them with these */
-  expected: Map<string, string> | undefined;
+  /** set: ask every worker for digests and compare them with these (known once the source is complete) */
+  expected: (() => Promise<Map<string, string>>) | undefined;
+  source?: StreamingSource;
   broadcast: boolean;
   comm: (signal: AbortSignal) => Promise<void>;
   t0: number;
@@ -165,9 +176,17 @@ export class UpdateSession {
     return this.#exclusive(async () => {
       const t0 = performance.now();
       // Refuse a checkpoint whose files changed since registration before anything moves.
-      await assertUnchanged(req.reg.ckpt);
+      if (!req.reg.owned) await assertUnchanged(req.reg.ckpt);
       const { plan, slots, staging, fallbacks } = this.plan(req.reg, req);
-      const expected = this.#verifies(req.verify) ? await ensureDigests(this.ctx, req.reg) : undefined;
+      let expected: Run["expected"];
+      if (this.#verifies(req.verify)) {
+        const source = req.source;
+        if (source) expected = () => source.digests();
+        else {
+          const digests = await ensureDigests(this.ctx, req.reg);
+          expected = async () => digests;
+        }
+      }
       return this.#run({
         expected,
         ...req,
@@ -190,7 +209,7 @@ export class UpdateSession {
       const t0 = performance.now();
       await assertUnchanged(req.reg.ckpt);
       const { digests, ...share } = req;
-      const expected = digests && this.#verifies(undefined) ? digests : undefined;
+      const expected = digests && this.#verifies(undefined) ? async () => digests : undefined;
       return this.#run({ ...share, expected, broadcast: true, comm: (signal) => this.#comm.join(req.comm, req.timeoutMs, signal), t0 });
     });
   }
@@ -303,6 +322,7 @@ export class UpdateSession {
         fail,
         t0: t.start,
         onProgress: run.onProgress,
+        sourceReady: run.source && ((b, signal) => run.source!.ready(Math.max(...b.copies.map((c) => c.srcOffset + c.bytes)), signal)),
       });
       if (stop.signal.aborted) throw cause;
       t.data = performance.now();
@@ -312,7 +332,7 @@ export class UpdateSession {
       if (run.expected) {
         verified = checkDigests({
           replies: finished,
-          expected: run.expected,
+          expected: await run.expected(),
           sent: plan.buckets.flatMap((b) => b.tensors.map((x) => x.name)),
           checkpoint: reg.name,
           version: reg.version,

@@ -22,6 +22,7 @@ export interface OpResult {
 }
 
 const REGION_PIN = 1;
+const REGION_WRITABLE = 2;
 
 export type CommState = "none" | "pending" | "ready" | "dead";
 
@@ -87,8 +88,8 @@ export interface DigestOptions {
 /** One libce context: devices, streams, regions, buffers and ops. */
 export class Ctx {
   #handle: Pointer | null;
-  /** Buffers made here: the context's destroy frees them in C, so their handles die with it. */
-  readonly #bufs = new Set<Buf>();
+  /** Buffers and transfer endpoints made here: the context's destroy frees them in C, so their handles die with it. */
+  readonly #owned = new Set<{ invalidate(): void }>();
   readonly backend: Backend;
   readonly devices: readonly number[];
   /** performance.now() at the last clock reset: op times are relative to it */
@@ -138,13 +139,14 @@ export class Ctx {
     return { region: region[0]!, op: op[0]! };
   }
 
-  regionMapFile(path: string, opts: { pin: boolean; threads: number }): { region: number; bytes: number; op: OpId } {
+  /** writable: ce's own files only (a pool's slots); a user's file is always mapped read-only. */
+  regionMapFile(path: string, opts: { pin: boolean; threads: number; writable?: boolean }): { region: number; bytes: number; op: OpId } {
     const bytes = new BigUint64Array(1);
     const region = new Uint32Array(1);
     const op = new BigUint64Array(1);
     const p = cstr(path);
     check(
-      libce().ce_region_map_file(this.handle, p, opts.pin ? REGION_PIN : 0, opts.threads, bytes, region, op),
+      libce().ce_region_map_file(this.handle, p, (opts.pin ? REGION_PIN : 0) | (opts.writable ? REGION_WRITABLE : 0), opts.threads, bytes, region, op),
       `mapping ${path}`,
     );
     return { region: region[0]!, bytes: u64(bytes[0]!, "bytes"), op: op[0]! };
@@ -172,7 +174,7 @@ export class Ctx {
     const dir = cstr(opts.shmDir ?? config.CE_SHM_DIR);
     const what = `allocating ${bytes} bytes on ${this.deviceName(dev)}`;
     check(libce().ce_buf_alloc(this.handle, dev, bytes, opts.ipc ? 1 : 0, dir, out), what);
-    return this.#adopt(new Buf(this, ptrOf(out, what), dev, bytes));
+    return this.own(new Buf(this, ptrOf(out, what), dev, bytes));
   }
 
   bufOpenIpc(dev: number, handle: Uint8Array, bytes: number): Buf {
@@ -180,14 +182,14 @@ export class Ctx {
     const out = new BigUint64Array(1);
     const what = `opening an IPC buffer on ${this.deviceName(dev)}`;
     check(libce().ce_buf_open_ipc(this.handle, dev, handle, bytes, out), what);
-    return this.#adopt(new Buf(this, ptrOf(out, what), dev, bytes));
+    return this.own(new Buf(this, ptrOf(out, what), dev, bytes));
   }
 
   bufOpenPath(path: string, bytes: number): Buf {
     const out = new BigUint64Array(1);
     const p = cstr(path);
     check(libce().ce_buf_open_path(this.handle, p, bytes, out), `opening ${path}`);
-    return this.#adopt(new Buf(this, ptrOf(out, path), 0, bytes));
+    return this.own(new Buf(this, ptrOf(out, path), 0, bytes));
   }
 
   /** copies: (region, srcOffset, dstOffset, bytes) quadruples. */
@@ -377,18 +379,19 @@ export class Ctx {
     if (this.#handle === null) return;
     libce().ce_ctx_destroy(this.#handle);
     this.#handle = null;
-    for (const b of this.#bufs) b.invalidate();
-    this.#bufs.clear();
+    for (const b of this.#owned) b.invalidate();
+    this.#owned.clear();
   }
 
-  #adopt(b: Buf): Buf {
-    this.#bufs.add(b);
-    return b;
+  /** Ties a native object made on this context (a transfer endpoint) to its life. */
+  own<T extends { invalidate(): void }>(child: T): T {
+    this.#owned.add(child);
+    return child;
   }
 
-  /** Called by Buf.close(). */
-  forget(b: Buf): void {
-    this.#bufs.delete(b);
+  /** Called by Buf.close() and the other owned objects' close(). */
+  forget(child: { invalidate(): void }): void {
+    this.#owned.delete(child);
   }
 
   [Symbol.dispose](): void {

@@ -13,7 +13,44 @@ export const RegisterBody = v.object({
   version: v.optional(count, 1),
 });
 
-export const UpdateBody = v.object({ checkpoint: name, verify: v.optional(v.boolean()) });
+export const UpdateBody = v.pipe(
+  v.object({
+    checkpoint: v.optional(name),
+    pool: v.optional(name),
+    /** of a pool: default its newest published version */
+    version: v.optional(count),
+    verify: v.optional(v.boolean()),
+    /** of a pool: after a failed update, put every engine back on the version it served */
+    rollback: v.optional(v.boolean()),
+  }),
+  v.check((b) => (b.checkpoint === undefined) !== (b.pool === undefined), 'give exactly one of "checkpoint" and "pool"'),
+);
+
+const layoutTensor = v.object({ name: v.pipe(v.string(), v.minLength(1, "a tensor name")), dtype: v.string(), shape: v.array(count) });
+
+export const PoolBody = v.pipe(
+  v.object({
+    name,
+    /** the tensors in order, or a checkpoint whose headers give them */
+    layout: v.optional(v.array(layoutTensor)),
+    path: v.optional(v.pipe(v.string(), v.minLength(1, "a path"))),
+    slots: v.optional(v.pipe(count, v.minValue(1, "at least 1"), v.maxValue(16, "at most 16")), 2),
+  }),
+  v.check((b) => (b.layout === undefined) !== (b.path === undefined), 'give exactly one of "layout" and "path"'),
+);
+
+export const VersionBody = v.object({
+  version: count,
+  /** fill the slot from these files (same layout) instead of a trainer's push */
+  path: v.optional(v.pipe(v.string(), v.minLength(1, "a path"))),
+  /** start updating the engines now, each bucket as soon as its bytes are written */
+  update: v.optional(v.boolean(), false),
+  verify: v.optional(v.boolean()),
+});
+
+export const WrittenBody = v.object({ bytes: count });
+
+export const PublishBody = v.object({ update: v.optional(v.boolean(), false), verify: v.optional(v.boolean()) });
 
 /** The parsed body, or an InputError E_BAD_REQUEST naming each field that is wrong. */
 export function parseBody<S extends v.GenericSchema>(schema: S, body: unknown): v.InferOutput<S> {

@@ -21,6 +21,8 @@ export class Metrics {
   readonly #device = new Gauge({ name: "ce_device_buffer_bytes", help: "Slot and staging buffers held on the devices", registers: [this.registry] });
   readonly #version = new Gauge({ name: "ce_checkpoint_version", help: "Version of each registered checkpoint", labelNames: ["checkpoint"], registers: [this.registry] });
   readonly #hosts = new Gauge({ name: "ce_hosts_up", help: "Hosts of the cluster that answer", registers: [this.registry] });
+  readonly #poolBytes = new Gauge({ name: "ce_pool_host_bytes", help: "Pinned host memory of each resident pool (slots × slot size)", labelNames: ["pool"], registers: [this.registry] });
+  readonly #poolServing = new Gauge({ name: "ce_pool_serving_version", help: "The version of each pool the engines hold", labelNames: ["pool"], registers: [this.registry] });
 
   updated(s: Omit<UpdateSummary, "trace">): void {
     this.#seconds.observe(s.seconds);
@@ -35,13 +37,26 @@ export class Metrics {
   }
 
   /** The figures that are read, not counted: set just before each scrape. */
-  state(s: { registeredBytes: number; pinnedBytes: number; deviceBytes: number; versions: Map<string, number>; hostsUp: number }): void {
+  state(s: {
+    registeredBytes: number;
+    pinnedBytes: number;
+    deviceBytes: number;
+    versions: Map<string, number>;
+    hostsUp: number;
+    pools: { name: string; hostBytes: number; serving: number | undefined }[];
+  }): void {
     this.#registered.set(s.registeredBytes);
     this.#pinned.set(s.pinnedBytes);
     this.#device.set(s.deviceBytes);
     this.#version.reset();
     for (const [checkpoint, v] of s.versions) this.#version.set({ checkpoint }, v);
     this.#hosts.set(s.hostsUp);
+    this.#poolBytes.reset();
+    this.#poolServing.reset();
+    for (const p of s.pools) {
+      this.#poolBytes.set({ pool: p.name }, p.hostBytes);
+      if (p.serving !== undefined) this.#poolServing.set({ pool: p.name }, p.serving);
+    }
   }
 
   text(): Promise<string> {

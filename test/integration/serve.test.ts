@@ -1,36 +1,12 @@
 // `ce serve` as a real process on loopback: its HTTP API over a warm session with real worker
 // processes on the CPU backend, its error statuses, and a clean stop.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { Subprocess } from "bun";
 import { mkdtempSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import parsePrometheusTextFormat from "parse-prometheus-text-format";
-import { CLI, type TestCheckpoint, processGone, shmBuffersOf, smallCheckpoint, within } from "../helpers/update";
-
-interface Served {
-  proc: Subprocess<"ignore", "pipe", "pipe">;
-  url: string;
-}
-
-async function startServe(extra: string[] = ["--port", "0"]): Promise<Served> {
-  const proc = Bun.spawn([process.execPath, CLI, "serve", ...extra, "--device", "cpu", "--devices", "2", "--root", `${tmpdir()},/dev/shm`, "--json"], {
-    stdin: "ignore",
-    stdout: "pipe",
-    stderr: "pipe",
-  });
-  const reader = proc.stdout.getReader();
-  const first = await within(30_000, "ce serve to listen", reader.read());
-  reader.releaseLock();
-  const line = new TextDecoder().decode(first.value ?? new Uint8Array());
-  const { listening } = JSON.parse(line) as { listening: string };
-  return { proc, url: listening };
-}
-
-async function call(url: string, method: string, path: string, body?: unknown): Promise<{ status: number; json: Record<string, unknown> }> {
-  const res = await within(60_000, `${method} ${path}`, fetch(`${url}${path}`, { method, body: body === undefined ? undefined : typeof body === "string" ? body : JSON.stringify(body) }));
-  return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-}
+import { type Served, call, startServe } from "../helpers/serve";
+import { type TestCheckpoint, processGone, shmBuffersOf, smallCheckpoint, within } from "../helpers/update";
 
 describe("ce serve", () => {
   let served: Served;

@@ -19,8 +19,9 @@ const MAY_IMPORT: Record<string, string[]> = {
   bench: ["base", "native", "core"],
   app: ["base", "native", "core", "engines", "wire", "checkpoint"],
   cluster: ["base", "native", "transport", "wire", "checkpoint", "core"],
-  serve: ["base", "core", "checkpoint", "app", "cluster"],
-  commands: ["base", "native", "transport", "wire", "checkpoint", "core", "engines", "worker", "bench", "app", "cluster", "serve"],
+  pool: ["base", "native", "checkpoint"],
+  serve: ["base", "core", "checkpoint", "app", "cluster", "pool"],
+  commands: ["base", "native", "transport", "wire", "checkpoint", "core", "engines", "worker", "bench", "app", "cluster", "serve", "pool"],
   ".": ["base", "commands"],
 };
 
@@ -29,6 +30,7 @@ const PURE = [
   "src/core/planner.ts",
   "src/core/sizing.ts",
   "src/cluster/plan.ts",
+  "src/pool/layout.ts",
   "src/wire/protocol.ts",
   "src/wire/dialect.ts",
   "src/wire/pickle.ts",
