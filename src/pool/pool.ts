@@ -259,6 +259,13 @@ export class Pool {
     }
   }
 
+  /** A writer gave a version up: whatever waits for its bytes (an update streaming behind it) fails now. */
+  abandon(version: number): void {
+    const gone = new CeError("E_POOL_VERSION_GONE", `pool ${this.name} version ${version} was given up by its writer before all its bytes arrived`);
+    for (const w of this.#waiters.get(this.get(version).version) ?? []) w.reject(gone);
+    this.#waiters.set(version, []);
+  }
+
   /** Forgets a version; its slot is free. Refused while an update reads it. */
   drop(version: number): void {
     const v = this.get(version);

@@ -236,9 +236,17 @@ export class Daemon {
     return { from: from ?? null, to, update: summary };
   }
 
-  deleteVersion(name: string, version: number): object {
+  async deleteVersion(name: string, version: number): Promise<object> {
     const pool = this.#pool(name);
     if (pool.serving === version) throw new CeError("E_BUSY", `pool "${name}" version ${version} is what the engines serve: it stays resident for rollback`);
+    // A push that gave up: the update streaming behind it stops at once instead of at its deadline.
+    const key = `${name}@${version}`;
+    const streaming = this.#streaming.get(key);
+    if (streaming) {
+      pool.abandon(version);
+      await streaming.catch(() => undefined);
+      this.#streaming.delete(key);
+    }
     pool.drop(version);
     return { name, version };
   }

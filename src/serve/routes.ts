@@ -63,7 +63,7 @@ function poolRoute(daemon: Daemon, req: Request, path: string): { status: number
   }
   if (action === "written") return method === "POST" ? { status: 200, run: async () => daemon.written(name, version, await body()) } : undefined;
   if (action === "publish") return method === "POST" ? { status: 200, run: async () => daemon.publishVersion(name, version, await body()) } : undefined;
-  return method === "DELETE" ? { status: 200, run: async () => daemon.deleteVersion(name, version) } : undefined;
+  return method === "DELETE" ? { status: 200, run: () => daemon.deleteVersion(name, version) } : undefined;
 }
 
 /** Routes one request. */

@@ -139,6 +139,16 @@ describe("a resident pool in ce serve", () => {
       const up5 = await call(served.url, "POST", "/v1/update", { pool: "policy" });
       expect(up5.json).toMatchObject({ version: 5, verified: tc.tensors });
 
+      // A writer that gives up mid-push: the update streaming behind it stops at once, nothing is left waiting.
+      const v6 = await call(served.url, "POST", "/v1/pools/policy/versions", { version: 6, update: true });
+      writeVersion(v6.json.path as string, placed, 6, 0, half);
+      await call(served.url, "POST", "/v1/pools/policy/versions/6/written", { bytes: placed[half]!.offset });
+      const t0 = performance.now();
+      expect((await call(served.url, "DELETE", "/v1/pools/policy/versions/6")).status).toBe(200);
+      expect(performance.now() - t0).toBeLessThan(10_000);
+      expect((await call(served.url, "GET", "/v1/status")).json).toMatchObject({ busy: false });
+      expect((await call(served.url, "POST", "/v1/update", { pool: "policy" })).json).toMatchObject({ version: 5, verified: tc.tensors });
+
       // Memory: reported, and freed by delete.
       const before = await call(served.url, "GET", "/v1/status");
       expect((before.json.pools as { name: string; hostBytes: number }[])[0]).toMatchObject({ name: "policy", hostBytes: 3 * slotBytes });
