@@ -6,8 +6,8 @@ torch engine can call `update_weights_from_ipc`; vLLM loads `ce_worker.vllm.CeWo
 `python3 -m ce_worker` is a standalone worker for tests and `ce --worker python`.
 """
 
-from .receiver import (SessionTimeout, copy_bucket, module_loader, serve_session, tensor_views,
-                       update_weights_from_ipc)
+from .loads import copy_bucket, module_loader, tensor_views
+from .receiver import SessionTimeout, serve_session, update_weights_from_ipc
 
 __version__ = "0.1.0"
 __all__ = ["update_weights_from_ipc", "serve_session", "copy_bucket", "module_loader", "tensor_views",

@@ -4,7 +4,8 @@ It behaves like an engine with nothing but parameters: a store of named tensors 
 allocated when a name is first seen and kept across updates. It serves update sessions one
 after another on one socket (an aborted one included: abort leaves it ready for the next open), and exits 0 on SIGTERM or when its stdin reaches EOF, so a worker
 started by ce with a pipe on stdin never outlives ce. With --verify, finish compares every
-stored tensor byte for byte with the checkpoint files named in the open frame.
+stored tensor byte for byte with the checkpoint files named in the open frame; an open with
+"verify": true gets the digests of the stored tensors at finish, with or without the flag.
 
 Exit status: 0 when stopped, 1 when it cannot start (device, libzmq, endpoint), 2 on bad flags.
 """
@@ -23,7 +24,8 @@ import torch
 
 from .cuda_ipc import device_uuid
 from .protocol import Open
-from .receiver import Receiver, SessionTimeout, Stopped, Weights, copy_bucket, serve_session, tag
+from .loads import Weights, copy_bucket, tag
+from .receiver import Receiver, SessionTimeout, Stopped, serve_session
 from .transport import BACKENDS, connect_rep, probe
 from .verify import VerifyError, verify
 
@@ -79,8 +81,9 @@ def main(argv: Optional[list] = None) -> int:
         return fields
 
     # One receiver for the worker's life: after finish, abort or a timeout it is idle, and the
-    # next open on the same socket starts the next session.
-    receiver = Receiver(store.load, finish, device=device, expect_uuid=expect)
+    # next open on the same socket starts the next session. An open asking to verify gets the
+    # digests of the stored tensors, as copied.
+    receiver = Receiver(store.load, finish, device=device, expect_uuid=expect, params=store.params)
     try:
         while not stop.is_set():
             try:

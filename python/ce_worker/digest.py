@@ -19,7 +19,7 @@ are exact (|A_k|, |B_k| < 2^63), and with i = (k*ROWS + r)*COLS + c
     S = sum_k (2*k*ROWS*COLS + 1) * T_k + 2*COLS*A_k + 2*B_k     mod 2^64
 
 is finished in Python integers from the few values per 16 MiB (one device-to-host copy per call
-of tensor_digests). A pass over a 64 MiB piece casts it to int64 once (torch's sum(dtype=int64)
+of tensor_digests, or per collect_digests of many launched batches). A pass over a 64 MiB piece casts it to int64 once (torch's sum(dtype=int64)
 of int32 would make that copy anyway, once per reduction) and reduces the copy twice: about 7x the
 tensor's bytes in memory traffic, and at most ~130 MiB of temporaries beyond the tensor (plus a
 copy of a piece whose bytes do not start 4-aligned, and of a whole non-contiguous tensor).
@@ -27,6 +27,7 @@ copy of a piece whose bytes do not start 4-aligned, and of a whole non-contiguou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -82,24 +83,56 @@ def tensor_digest(t: torch.Tensor) -> int:
 
 def tensor_digests(tensors: Sequence[torch.Tensor]) -> List[int]:
     """Digests of many tensors with one device-to-host copy per device (verify of a whole bucket)."""
+    return collect_digests([launch_digests(tensors)])[0]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """Digests of some tensors, reduced on their devices to a few sums per 16 MiB and not yet finished.
+
+    It holds only those sums, never the tensors: a worker launches the digests of a slot's views,
+    hands the slot back, and collects them at the end of the update, with one host sync for all.
+    """
+
+    nbytes: List[int]
+    parts: List[List[Tuple[int, torch.device, int]]]  # per tensor: (first chunk, device, rows in its sums)
+    sums: Dict[torch.device, torch.Tensor]  # [rows, 3] int64 per device, the tensors' rows in order
+
+
+def launch_digests(tensors: Sequence[torch.Tensor]) -> Launched:
+    """Start the digests of `tensors` on their devices' current streams; no host sync."""
     jobs = [_partials(t) for t in tensors]
     by_device: Dict[torch.device, List[torch.Tensor]] = {}
     for _, parts in jobs:
         for _, p in parts:
             by_device.setdefault(p.device, []).append(p)
+    return Launched(nbytes=[nbytes for nbytes, _ in jobs],
+                    parts=[[(k0, p.device, p.shape[0]) for k0, p in parts] for _, parts in jobs],
+                    sums={dev: torch.cat(ps) for dev, ps in by_device.items()})
+
+
+def collect_digests(batches: Sequence[Launched]) -> List[List[int]]:
+    """Finish launched digests, per batch in order, with one device-to-host copy per device for all."""
+    by_device: Dict[torch.device, List[torch.Tensor]] = {}
+    for batch in batches:
+        for dev, sums in batch.sums.items():
+            by_device.setdefault(dev, []).append(sums)
     values: Dict[torch.device, List[List[int]]] = {
-        dev: torch.cat(ps).cpu().tolist() for dev, ps in by_device.items()
+        dev: torch.cat(ss).cpu().tolist() for dev, ss in by_device.items()
     }
     taken = {dev: 0 for dev in values}
     out = []
-    for nbytes, parts in jobs:
-        s = 0
-        for k0, p in parts:
-            rows = values[p.device][taken[p.device]:taken[p.device] + p.shape[0]]
-            taken[p.device] += p.shape[0]
-            for k, (t_k, a_k, b_k) in enumerate(rows, start=k0):
-                s += (2 * k * CHUNK_WORDS + 1) * t_k + 2 * COLS * a_k + 2 * b_k
-        out.append(finish(s, nbytes))
+    for batch in batches:
+        digests = []
+        for nbytes, parts in zip(batch.nbytes, batch.parts):
+            s = 0
+            for k0, dev, n in parts:
+                rows = values[dev][taken[dev]:taken[dev] + n]
+                taken[dev] += n
+                for k, (t_k, a_k, b_k) in enumerate(rows, start=k0):
+                    s += (2 * k * CHUNK_WORDS + 1) * t_k + 2 * COLS * a_k + 2 * b_k
+            digests.append(finish(s, nbytes))
+        out.append(digests)
     return out
 
 

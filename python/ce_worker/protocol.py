@@ -11,6 +11,8 @@ checks that the two are equal and runs every frame case of the file through pars
 
 Protocol 2 adds the kept mapping (the file's comment has the rules): open may name its buffer with
 "buffer_id", release may say "keep", and a worker of protocol 2 accepts opens of protocol 1 and 2.
+It also adds verify by digest (open's "verify": true; finish replies with "digests") and the reply
+to open saying what the engine holds ("checkpoint" and "version" of the last finished update).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Open:
     tensors: Optional[int] = None
     protocol: int = OLDEST_PROTOCOL
     buffer_id: Optional[str] = None  # names this allocation of the buffer: a worker may keep its mapping
+    verify: bool = False  # finish must reply with the digest of every tensor loaded since this open
     op = "open"
 
 
@@ -185,6 +188,7 @@ def _parse_open(obj: dict, extra: list) -> Open:
         tensors=_opt_int(obj, "tensors"),
         protocol=protocol,
         buffer_id=buffer_id,
+        verify=_bool(obj, "verify"),
     )
 
 
@@ -212,10 +216,7 @@ def _parse_load(obj: dict, extra: list) -> Load:
 
 
 def _parse_release(obj: dict) -> Release:
-    keep = obj.get("keep", False)
-    if not isinstance(keep, bool):
-        raise ProtocolError(f"field keep must be a boolean, got {json.dumps(keep)}")
-    return Release(keep=keep)
+    return Release(keep=_bool(obj, "keep"))
 
 
 def _parse_abort(obj: dict, extra: list) -> Abort:
@@ -255,6 +256,14 @@ def _int(obj: dict, key: str, minimum: int = 0) -> int:
 
 def _opt_int(obj: dict, key: str) -> Optional[int]:
     return None if obj.get(key) is None else _int(obj, key)
+
+
+def _bool(obj: dict, key: str) -> bool:
+    """An optional flag: absent reads as false."""
+    v = obj.get(key, False)
+    if not isinstance(v, bool):
+        raise ProtocolError(f"field {key} must be a boolean, got {json.dumps(v)}")
+    return v
 
 
 def _str(obj: dict, key: str) -> str:

@@ -13,6 +13,10 @@ ce keeps the buffer (release with keep), so the next open naming the same buffer
 src/wire/worker-protocol.json says when it is kept and when dropped. update_weights_from_ipc, which
 serves one session per call (vLLM's path), keeps it in a cache of the process, one per device,
 closed at exit.
+
+Protocol 2 also has the reply to open say what the engine holds (held.Held: the last update that
+finished), and an open with "verify": true get the digests of what it loaded in the reply to finish
+(held.Digests). update_weights_from_ipc keeps its Held per device in the process too.
 """
 
 from __future__ import annotations
@@ -20,19 +24,20 @@ from __future__ import annotations
 import atexit
 import logging
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from . import dtypes, protocol
+from . import protocol
 from .cuda_ipc import Mapping as BufferMapping
 from .cuda_ipc import map_buffer
+from .held import Digests, Held
+from .loads import ModuleLoader, Weights, format_error, tensor_views
 from .protocol import Abort, Finish, Load, Open, ProtocolError, Release
 from .transport import Socket, connect_rep
 
 log = logging.getLogger("ce_worker")
 
-Weights = List[Tuple[str, torch.Tensor]]
 LoadFn = Callable[[Weights], None]
 PostHook = Callable[[Open], Optional[dict]]  # gets the session's open frame; may add reply fields
 StartHook = Callable[[Open], None]  # at open, once the buffer is mapped; raising fails the open
@@ -89,16 +94,20 @@ class MappingCache:
 
 
 # update_weights_from_ipc serves one session per call, with a new Receiver each time: the mapping
-# kept for the next call lives here, one cache per device (its UUID), closed when the process exits.
+# kept for the next call and what the engine holds live here, one of each per device (its UUID);
+# the mappings are closed when the process exits.
 _PROCESS_CACHES: Dict[str, MappingCache] = {}
+_PROCESS_HELD: Dict[str, Held] = {}
 
 
 def process_cache(device_key: str) -> MappingCache:
     """This process's MappingCache for one device."""
-    cache = _PROCESS_CACHES.get(device_key)
-    if cache is None:
-        cache = _PROCESS_CACHES[device_key] = MappingCache()
-    return cache
+    return _PROCESS_CACHES.setdefault(device_key, MappingCache())
+
+
+def process_held(device_key: str) -> Held:
+    """What this process's engine holds on one device."""
+    return _PROCESS_HELD.setdefault(device_key, Held())
 
 
 @atexit.register
@@ -120,7 +129,8 @@ def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[
                             expect_uuid: Optional[str] = None, transport: Optional[str] = None,
                             start_hook: Optional[StartHook] = None,
                             abort_hook: Optional[AbortHook] = None,
-                            cache: Optional[MappingCache] = None) -> dict:
+                            cache: Optional[MappingCache] = None,
+                            params: Optional[Mapping[str, torch.Tensor]] = None) -> dict:
     """Connect a REP socket to ce's `endpoint`, serve one session, return its summary.
 
     load_fn(weights) is called once per bucket; post_hook(open_frame) once at finish (its dict,
@@ -129,11 +139,13 @@ def update_weights_from_ipc(endpoint: str, load_fn: LoadFn, post_hook: Optional[
     op_timeout_s raises SessionTimeout. Either way the buffer is unmapped and the engine keeps
     serving on whatever weights it has. A finished session's mapping stays in `cache` (by
     default the process's cache for this device) when ce keeps the buffer, for the next call.
+    `params`: see Receiver.
     """
-    if cache is None:
-        cache = process_cache(expect_uuid or str(device if device is not None else _default_device()))
+    key = expect_uuid or str(device if device is not None else _default_device())
     receiver = Receiver(load_fn, post_hook, device=device, expect_uuid=expect_uuid,
-                        start_hook=start_hook, abort_hook=abort_hook, cache=cache)
+                        start_hook=start_hook, abort_hook=abort_hook,
+                        cache=cache if cache is not None else process_cache(key),
+                        params=params, held=process_held(key))
     sock = connect_rep(endpoint, backend=transport)
     try:
         return serve_session(sock, receiver, op_timeout_s=op_timeout_s, wait_s=op_timeout_s)
@@ -182,13 +194,25 @@ def _recv(sock: Socket, timeout_s: Optional[float], stop: Optional[Callable[[], 
 
 
 class Receiver:
-    """The worker's side of one session: one method per op, replies as bytes."""
+    """The worker's side of one session: one method per op, replies as bytes.
+
+    `params`, where the engine holds the checkpoint's tensors under their own names (a plain
+    module; a ModuleLoader's params are taken when none are given), is what verify digests after
+    the copies; otherwise verify digests the slot views each load got. `held` is what the engine
+    holds, shared by the Receivers of one engine (by default this Receiver's own).
+    """
 
     def __init__(self, load_fn: LoadFn, post_hook: Optional[PostHook] = None, *,
                  device: Optional[torch.device] = None, expect_uuid: Optional[str] = None,
                  start_hook: Optional[StartHook] = None, abort_hook: Optional[AbortHook] = None,
-                 cache: Optional[MappingCache] = None) -> None:
+                 cache: Optional[MappingCache] = None, params: Optional[Mapping[str, torch.Tensor]] = None,
+                 held: Optional[Held] = None) -> None:
         self.load_fn = load_fn
+        if params is None and isinstance(load_fn, ModuleLoader):
+            params = load_fn.params
+        self.params = params
+        self.held = held if held is not None else Held()
+        self.digests: Optional[Digests] = None  # the current session's, when its open asked to verify
         self.post_hook = post_hook
         self.start_hook = start_hook
         self.abort_hook = abort_hook
@@ -233,15 +257,21 @@ class Receiver:
                 raise
         self.mapping = mapping
         self.opened = req
+        self.digests = Digests(self.params) if req.verify else None
         self.reason = self.undo_error = ""
         self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
-        log.info("open %s@%d: %s buffer of %d bytes, %d slots%s", req.checkpoint, req.version,
-                 req.backend, req.buffer_bytes, req.slots, f", kept mapping of {req.buffer_id}" if kept else "")
-        # An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
-        if req.buffer_id is None:
-            return {}
-        return {"protocol": protocol.PROTOCOL_VERSION, "buffer_id": req.buffer_id, "kept": kept}
+        log.info("open %s@%d: %s buffer of %d bytes, %d slots%s%s", req.checkpoint, req.version,
+                 req.backend, req.buffer_bytes, req.slots, f", kept mapping of {req.buffer_id}" if kept else "",
+                 ", verify" if req.verify else "")
+        # Protocol 2's fields only where they say something, and then with "protocol": an open
+        # without them is answered as protocol 1 answers it.
+        fields = self.held.fields()
+        if req.buffer_id is not None:
+            fields.update(buffer_id=req.buffer_id, kept=kept)
+        if req.verify:
+            fields["verify"] = True
+        return {"protocol": protocol.PROTOCOL_VERSION, **fields} if fields else {}
 
     def _load(self, req: Load) -> None:
         assert self.opened is not None and self.mapping is not None  # guaranteed by the state
@@ -249,8 +279,12 @@ class Receiver:
             raise ValueError(f"slot {req.slot} is out of range (the buffer has {self.opened.slots} slots)")
         weights = tensor_views(self.mapping.tensor, req.tensors)
         try:
+            launched = self.digests.launch(weights) if self.digests is not None else None
+            self.held.clear()  # from here on the weights may be partly new until finish
             self.load_fn(weights)
-            _synchronize(self.device)
+            _synchronize(self.device)  # the copies, and the digests launched, are done: the slot is ce's again
+            if self.digests is not None:
+                self.digests.loaded(weights, launched)
         finally:
             weights.clear()  # the views must not outlive the load: release unmaps the buffer
         self.buckets += 1
@@ -262,10 +296,18 @@ class Receiver:
         self.cache.release(req.keep)  # a failed unmap raises and leaves it to abort's drop
         self.mapping = None
 
-    def _finish(self, req: Finish) -> Optional[dict]:
-        fields = self.post_hook(self.opened) if self.post_hook is not None else None
+    def _finish(self, req: Finish) -> dict:
+        # Digests first: post-load processing may change what the engine holds (a params digest
+        # is of the tensors as loaded, which is what ce sent).
+        digests = self.digests.collect() if self.digests is not None else None
+        self.held.clear()  # the engine's post-load processing changes weights too
+        fields = dict(self.post_hook(self.opened) or {}) if self.post_hook is not None else {}
+        if digests is not None:
+            fields["digests"] = digests
         log.info("finished %s@%d: %d buckets, %d tensors, %d bytes in %.2f s", self.opened.checkpoint,
                  self.opened.version, self.buckets, self.tensors, self.bytes, time.monotonic() - self.started)
+        self.held.finished(self.opened.checkpoint, self.opened.version)
+        self.digests = None
         self.ended = "finished"
         return fields
 
@@ -294,6 +336,7 @@ class Receiver:
     def drop(self) -> None:
         """Unmap the buffer, a kept mapping too; used on abort, timeout, stop and exit. Never raises."""
         self.mapping = None
+        self.digests = None
         self.cache.drop()
 
     def summary(self) -> dict:
@@ -307,85 +350,6 @@ class Receiver:
         if self.undo_error:
             out["undo_error"] = self.undo_error
         return out
-
-
-def tensor_views(buffer: torch.Tensor, metas: Sequence[protocol.TensorMeta]) -> List[Tuple[str, torch.Tensor]]:
-    """Zero-copy views into `buffer` (uint8), one per tensor, with dtype and shape applied."""
-    out = []
-    size = buffer.numel()
-    for m in metas:
-        try:
-            dt = dtypes.lookup(m.dtype)
-            want = dt.nbytes(m.shape)
-            if m.nbytes != want:
-                raise ValueError(f"{m.dtype} {list(m.shape)} needs {want} bytes, nbytes says {m.nbytes}")
-            if m.offset + m.nbytes > size:
-                raise ValueError(f"bytes [{m.offset}, {m.offset + m.nbytes}) lie outside the {size}-byte buffer")
-            raw = buffer[m.offset:m.offset + m.nbytes]
-            if dt.torch is None:
-                view = raw.view(dt.raw_shape(m.shape))
-            else:
-                view = raw.view(dt.torch).view(m.shape)
-        except Exception as e:
-            raise tag(e, m.name)
-        out.append((m.name, view))
-    return out
-
-
-def copy_bucket(params: Mapping[str, torch.Tensor], weights: Sequence[Tuple[str, torch.Tensor]]) -> None:
-    """Copy a bucket into named tensors with one batched call (torch._foreach_copy_ where torch has it).
-
-    One kernel launch per bucket instead of one Python call and launch per tensor: with
-    thousands of small tensors (norms, biases) the per-call overhead would dominate.
-    """
-    dsts, srcs = [], []
-    for name, src in weights:
-        dst = params.get(name)
-        if dst is None:
-            raise tag(KeyError(name), name)
-        if dst.shape != src.shape:
-            raise tag(ValueError(f"shape {list(src.shape)} does not match the parameter's {list(dst.shape)}"), name)
-        dsts.append(dst)
-        srcs.append(src)
-    # Copied as bytes: a weight update must be bit for bit, and CUDA's foreach copy of a float dtype
-    # does not keep a NaN's payload (measured on an H200 with torch 2.11: random BF16 data came out
-    # changed from the first NaN on). Same dtype, same size: the byte views match one to one.
-    byte_dsts, byte_srcs = [], []
-    with torch.no_grad():
-        for dst, src in zip(dsts, srcs):
-            if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous() and dst.numel() > 0:
-                byte_dsts.append(dst.reshape(-1).view(torch.uint8))
-                byte_srcs.append(src.reshape(-1).view(torch.uint8))
-            else:
-                dst.copy_(src)
-        if hasattr(torch, "_foreach_copy_"):
-            torch._foreach_copy_(byte_dsts, byte_srcs)
-        else:
-            for dst, src in zip(byte_dsts, byte_srcs):
-                dst.copy_(src)
-
-
-def module_loader(module: torch.nn.Module) -> LoadFn:
-    """A load_fn for a plain module whose parameter and buffer names match the checkpoint's."""
-    params: Dict[str, torch.Tensor] = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return lambda weights: copy_bucket(params, weights)
-
-
-def tag(exc: BaseException, tensor: str) -> BaseException:
-    """Mark `exc` with the tensor it concerns; format_error appends it."""
-    if getattr(exc, "ce_tensor", None) is None:
-        try:
-            exc.ce_tensor = tensor
-        except AttributeError:
-            pass
-    return exc
-
-
-def format_error(exc: BaseException) -> str:
-    """The error text of a reply: "<Type>: <message> (tensor <name>)"."""
-    text = f"{type(exc).__name__}: {exc}"
-    tensor = getattr(exc, "ce_tensor", None)
-    return f"{text} (tensor {tensor})" if tensor else text
 
 
 def _default_device() -> torch.device:

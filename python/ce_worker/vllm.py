@@ -20,6 +20,9 @@ Two load paths (python/README.md has the table of vLLM versions):
   finish. Where vLLM lacks it, a quantized model is refused at open instead of corrupted.
 MTP drafters get only their own tensors, copied out of the slots, in one load_weights call at
 finish (since vLLM PR #35548 DeepSeekMTP.load_weights raises unless every MTP layer comes in it).
+An update that asks to verify gets the digests of the slot views each bucket was given, computed
+on the GPU ahead of load_weights (which transforms weights: fused qkv, quantized kernels, so the
+model's parameters are not the checkpoint's tensors), collected at finish with one host sync.
 
 Read from vLLM's main branch (github.com/vllm-project/vllm, 2026 tree: serve/dev routers, V2
 model runner; no release number is recorded in those files), the facts this module relies on:
@@ -60,7 +63,8 @@ import torch
 
 from .cuda_ipc import device_uuid
 from .protocol import Open
-from .receiver import Weights, format_error, update_weights_from_ipc
+from .loads import Weights, format_error
+from .receiver import update_weights_from_ipc
 
 log = logging.getLogger("ce_worker")
 

@@ -22,7 +22,7 @@ if PACKAGE_ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from ce_worker import transport  # noqa: E402
+from ce_worker import digest, transport  # noqa: E402
 
 # The worker logs warnings and tracebacks on purpose in many tests; CE_TEST_LOG=1 shows them.
 if not os.environ.get("CE_TEST_LOG"):
@@ -77,6 +77,11 @@ def raw_bytes(t: torch.Tensor) -> bytes:
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return bytes(flat.tolist())
+
+
+def digests_of(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """What a finish reply's "digests" must say for these tensors, from the pure-Python reference."""
+    return {n: digest.format_digest(digest.reference_digest(raw_bytes(t))) for n, t in tensors.items()}
 
 
 def sample_tensors(seed: int = 0, scale: float = 1.0) -> Dict[str, torch.Tensor]:

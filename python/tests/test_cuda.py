@@ -52,10 +52,10 @@ class DeviceBuffer:
 
 
 class CudaCe(support.Ce):
-    def open_cuda(self, buf: DeviceBuffer, uuid: str, files=(), version=1) -> dict:
+    def open_cuda(self, buf: DeviceBuffer, uuid: str, files=(), version=1, **extra) -> dict:
         return self.request({"op": "open", "protocol": 1, "checkpoint": "test", "version": version,
                              "device_uuid": uuid, "backend": "cuda", "buffer_bytes": buf.size, "slots": 2,
-                             "slot_bytes": buf.size // 2, "path": "", "files": list(files)}, buf.handle)
+                             "slot_bytes": buf.size // 2, "path": "", "files": list(files), **extra}, buf.handle)
 
 
 def gpu_tensors(seed):
@@ -77,7 +77,7 @@ class CudaTest(unittest.TestCase):
     def test_the_device_uuid_looks_like_nvidia_smis(self):
         self.assertRegex(self.uuid, r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
-    def test_the_standalone_worker_on_a_gpu_verifies_two_updates_bit_exact(self):
+    def test_the_standalone_worker_on_a_gpu_verifies_two_updates_bit_exact_by_file_and_by_digest(self):
         tmp = tempfile.mkdtemp(prefix="ce-cuda-test-")
         log = os.path.join(tmp, "worker.log")
         proc = subprocess.Popen([sys.executable, "-m", "ce_worker", "--endpoint", self.ce.endpoint, "--device",
@@ -87,7 +87,9 @@ class CudaTest(unittest.TestCase):
                 tensors = gpu_tensors(version)
                 path = os.path.join(tmp, f"v{version}.safetensors")
                 support.write_safetensors(path, tensors)
-                self.assertEqual(self.ce.open_cuda(self.buf, self.uuid, [path], version), {"ok": True})
+                holds = {} if version == 1 else {"protocol": 2, "checkpoint": "test", "version": 1}
+                self.assertEqual(self.ce.open_cuda(self.buf, self.uuid, [path], version, verify=True),
+                                 {"ok": True, "protocol": 2, "verify": True, **holds})
                 buckets, _ = support.layout(tensors, SLOT)
                 for i, metas in enumerate(buckets):
                     base = (i % 2) * SLOT
@@ -100,6 +102,7 @@ class CudaTest(unittest.TestCase):
                 self.assertEqual(self.ce.request({"op": "release"}), {"ok": True})
                 reply = self.ce.request({"op": "finish"}, timeout_s=DEADLINE_S)
                 self.assertEqual((reply.get("ok"), reply.get("verified")), (True, len(tensors)), reply)
+                self.assertEqual(reply["digests"], support.digests_of(tensors))
             proc.stdin.close()
             self.assertEqual(proc.wait(DEADLINE_S), 0)
         finally:
@@ -122,11 +125,11 @@ class CudaTest(unittest.TestCase):
         self.assertEqual(child.returncode, 0, err)
         return json.loads(out.strip().splitlines()[-1])
 
-    def test_the_vllm_extension_loads_a_stand_in_model_on_the_gpu(self):
+    def test_the_vllm_extension_loads_a_stand_in_model_on_the_gpu_and_digests_its_slot_views(self):
         child = self.run_child(VLLM_CHILD)
         names = [f"model.layers.{i}.w" for i in range(4)]
         tensors = {n: torch.full((4,), float(i + 1)) for i, n in enumerate(names)}
-        self.assertEqual(self.ce.open_cuda(self.buf, self.uuid), {"ok": True})
+        self.assertEqual(self.ce.open_cuda(self.buf, self.uuid, verify=True), {"ok": True, "protocol": 2, "verify": True})
         offset = 0
         metas = []
         for n, t in tensors.items():
@@ -135,8 +138,10 @@ class CudaTest(unittest.TestCase):
             offset += 256
         self.assertEqual(self.ce.request({"op": "load", "bucket": 0, "slot": 0, "tensors": metas},
                                          timeout_s=DEADLINE_S), {"ok": True})
+        self.buf.write(0, torch.full((SLOT // 4,), -1.0, device="cuda:0"))  # the slot is ce's again: refilled
         self.assertEqual(self.ce.request({"op": "release"}), {"ok": True})
-        self.assertEqual(self.ce.request({"op": "finish"}, timeout_s=DEADLINE_S), {"ok": True})
+        self.assertEqual(self.ce.request({"op": "finish"}, timeout_s=DEADLINE_S),
+                         {"ok": True, "digests": support.digests_of(tensors)})
         result = self.finish_child(child)
         self.assertEqual(result["summary"]["device_uuid"], self.uuid)
         self.assertEqual(result["weights"], [[float(i + 1)] * 4 for i in range(4)])
@@ -209,7 +214,7 @@ if __name__ == "__main__":
 class CopyBucketBitExactTest(unittest.TestCase):
     def test_random_bf16_with_nan_payloads_is_copied_bit_for_bit(self):
         # Random bytes as BF16 hold NaNs of every payload; a float copy would change some of them.
-        from ce_worker.receiver import copy_bucket
+        from ce_worker.loads import copy_bucket
 
         g = torch.Generator().manual_seed(5)
         raw = torch.randint(0, 256, (2 * 1_000_003,), dtype=torch.uint8, generator=g).cuda()

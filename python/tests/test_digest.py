@@ -102,6 +102,16 @@ class TensorTest(unittest.TestCase):
         ts.append(torch.randn(3, 5, dtype=torch.float64))
         self.assertEqual(tensor_digests(ts), [tensor_digest(t) for t in ts])
 
+    def test_batches_launched_apart_and_collected_together_equal_one_call(self):
+        batches = [[as_tensor(random_bytes(n, n)) for n in ns] for ns in ((5, 4096), (), (0, 100_003, 3))]
+        want = [tensor_digests(b) for b in batches]
+        launched = [digest.launch_digests(b) for b in batches]
+        for b in batches:  # the slot is refilled once a load is answered: launched digests keep only their sums
+            for t in b:
+                t.fill_(0xA5)
+        self.assertEqual(digest.collect_digests(launched), want)
+        self.assertEqual(digest.collect_digests([]), [])
+
     def test_large_tensors_and_extreme_words_match_the_wrapping_formula(self):
         g = torch.Generator().manual_seed(7)
         cases = {

@@ -5,7 +5,7 @@ import support
 import torch
 
 from ce_worker import dtypes, protocol
-from ce_worker.receiver import tensor_views
+from ce_worker.loads import tensor_views
 
 # safetensors name -> (bits, torch attribute), the format's whole list.
 EXPECTED = {

@@ -41,9 +41,10 @@ class Worker:
             paths.append(path)
         return paths
 
-    def update(self, tensors, files=(), version=1):
-        """One whole session; returns the finish reply (earlier replies must be ok)."""
-        assert self.ce.open_cpu(self.buf, slot_bytes=SLOT, files=files, version=version) == {"ok": True}
+    def update(self, tensors, files=(), version=1, **open_fields):
+        """One whole session; returns the finish reply (earlier replies must be ok; the open's is kept)."""
+        self.opened = self.ce.open_cpu(self.buf, slot_bytes=SLOT, files=files, version=version, **open_fields)
+        assert self.opened["ok"], self.opened
         for reply in self.ce.push(self.buf, tensors, slot_bytes=SLOT):
             assert reply == {"ok": True}, reply
         assert self.ce.request({"op": "release"}) == {"ok": True}
@@ -83,6 +84,8 @@ class StandaloneWorkerTest(unittest.TestCase):
                 nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
                 self.assertEqual(reply, {"ok": True, "tensors": len(tensors), "bytes": nbytes,
                                          "verified": len(tensors)})
+                held = {} if version == 1 else {"protocol": 2, "checkpoint": "test", "version": version - 1}
+                self.assertEqual(w.opened, {"ok": True, **held}, "the open reply names the last finished update")
         w.proc.stdin.close()
         self.assertEqual(w.wait(), 0)
         self.assertIn("stopping: stdin reached EOF", w.log_text())
@@ -125,6 +128,26 @@ class StandaloneWorkerTest(unittest.TestCase):
         reply = w.update(tensors, files, version=2)
         self.assertEqual(reply["verified"], len(tensors))
         self.assertIn("update aborted by ce: rank 1 failed", w.log_text())
+
+    def test_an_open_asking_to_verify_gets_the_digests_of_the_stored_tensors_at_finish(self):
+        w = Worker(self)
+        tensors = support.sample_tensors(seed=10)
+        reply = w.update(tensors, verify=True)
+        self.assertEqual(w.opened, {"ok": True, "protocol": 2, "verify": True})
+        self.assertEqual(reply["digests"], support.digests_of(tensors))
+        self.assertNotIn("digests", w.update(tensors, version=2), "without verify, no digests")
+
+    def test_an_update_aborted_after_a_load_leaves_the_held_version_unknown(self):
+        w = Worker(self)
+        self.assertTrue(w.update({"w": torch.ones(2)}, version=4)["ok"])
+        self.assertEqual(w.ce.open_cpu(w.buf, slot_bytes=SLOT, version=5),
+                         {"ok": True, "protocol": 2, "checkpoint": "test", "version": 4})
+        w.ce.request({"op": "abort", "reason": "before any load"})
+        self.assertEqual(w.ce.open_cpu(w.buf, slot_bytes=SLOT, version=5)["version"], 4, "no load: weights intact")
+        w.ce.push(w.buf, {"w": torch.zeros(2)}, slot_bytes=SLOT)
+        w.ce.request({"op": "abort", "reason": "after a load"})
+        self.assertEqual(w.ce.open_cpu(w.buf, slot_bytes=SLOT, version=6), {"ok": True})
+        w.ce.request({"op": "abort"})
 
     def test_verify_without_files_in_open_says_so(self):
         w = Worker(self, "--verify")

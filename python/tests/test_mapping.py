@@ -1,9 +1,10 @@
 """Protocol 2's kept mapping (the warm path), as src/wire/worker-protocol.json's "mappings" define it.
 
 Every case runs against one Receiver serving session after session (python3 -m ce_worker's way) and
-against a new Receiver per session sharing one MappingCache (update_weights_from_ipc's way, which is
-vLLM's). What the worker maps is read from /proc/self/maps, and every load checks that the mapping,
-kept or new, shows the bytes ce wrote last.
+against a new Receiver per session sharing one MappingCache and one Held (update_weights_from_ipc's
+way, which is vLLM's). What the worker maps is read from /proc/self/maps, and every load checks that
+the mapping, kept or new, shows the bytes ce wrote last. Each open's reply is checked whole: the
+mapping's fields, and the held version (the last finished update, unknown once a load came after it).
 """
 
 import json
@@ -16,7 +17,9 @@ import support
 import torch
 
 from ce_worker import protocol, receiver
-from ce_worker.receiver import MappingCache, Receiver, module_loader, update_weights_from_ipc
+from ce_worker.held import Held
+from ce_worker.loads import module_loader
+from ce_worker.receiver import MappingCache, Receiver, update_weights_from_ipc
 
 BUFFER_BYTES = 8192
 
@@ -52,11 +55,14 @@ class MappingCasesTest(unittest.TestCase):
     def run_case(self, case, per_session):
         ce = Ce(self)
         cache = MappingCache()
+        held = Held()
         loaded = []
         make = lambda: Receiver(lambda w: loaded.extend((n, t.clone()) for n, t in w),  # noqa: E731
-                                device=torch.device("cpu"), cache=cache)
+                                device=torch.device("cpu"), cache=cache, held=held)
         rx = make()
         current = None
+        opened_version = None
+        holds = {}  # what the next open's reply must say the engine holds
         for i, step in enumerate(case["steps"]):
             where = f"step {i} ({step['op']})"
             op = step["op"]
@@ -68,12 +74,14 @@ class MappingCasesTest(unittest.TestCase):
                 if step.get("id", True):
                     frame["buffer_id"] = ce.ids[step["buffer"]]
                 reply = json.loads(rx.handle([json.dumps(frame).encode()]))
+                opened_version = i
+                v2 = dict(holds)
                 if "buffer_id" in frame:
-                    self.assertEqual(reply, {"ok": True, "protocol": protocol.PROTOCOL_VERSION,
-                                             "buffer_id": frame["buffer_id"], "kept": step["kept"]}, where)
+                    v2.update(buffer_id=frame["buffer_id"], kept=step["kept"])
                 else:
                     self.assertFalse(step["kept"])
-                    self.assertEqual(reply, {"ok": True}, where)
+                want = {"ok": True, "protocol": protocol.PROTOCOL_VERSION, **v2} if v2 else {"ok": True}
+                self.assertEqual(reply, want, where)
             elif op == "load":
                 fresh = torch.randint(0, 255, (16,), dtype=torch.uint8)
                 current.write(0, fresh)
@@ -81,11 +89,14 @@ class MappingCasesTest(unittest.TestCase):
                          "tensors": [{"name": "w", "dtype": "U8", "shape": [16], "offset": 0, "nbytes": 16}]}
                 self.assertEqual(json.loads(rx.handle([json.dumps(frame).encode()])), {"ok": True}, where)
                 self.assertTrue(torch.equal(loaded[-1][1], fresh), f"{where}: the mapping shows ce's last bytes")
+                holds = {}
             else:
                 frame = {"op": op}
                 if "keep" in step:
                     frame["keep"] = step["keep"]
                 self.assertTrue(json.loads(rx.handle([json.dumps(frame).encode()]))["ok"], where)
+                if op == "finish":
+                    holds = {"checkpoint": "m", "version": opened_version}
                 if per_session and op in ("finish", "abort"):
                     rx = make()  # the session is over: the next one gets a new Receiver, as in vLLM
             if "mapped" in step:
@@ -129,12 +140,16 @@ class UpdateWeightsFromIpcTest(unittest.TestCase):
         self.addCleanup(a.close)
         self.addCleanup(b.close)
         self.addCleanup(receiver.process_cache("CPU-test-0").drop)
+        receiver.process_held("CPU-test-0").clear()  # other tests' updates of this device
         for step, (buf, bid, kept, end) in enumerate([(a, "a1", False, "finish"), (a, "a1", True, "finish"),
                                                       (a, "a1", True, "abort"), (a, "a1", False, "finish"),
                                                       (b, "b1", False, "finish"), (b, "b1", True, "finish")]):
             tensors = {"weight": torch.randn(4, 8), "bias": torch.randn(4)}
             reply = self.session(module, ce, buf, bid, tensors, end=end)
-            self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": bid, "kept": kept}, f"session {step}")
+            # Every session finishes version 1 but the abort, which came before any load.
+            holds = {"checkpoint": "test", "version": 1} if step else {}
+            self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": bid, "kept": kept, **holds},
+                             f"session {step}")
             held = {p for p in (a.path, b.path) if p in mapped_paths()}
             self.assertEqual(held, set() if end == "abort" else {buf.path}, f"after session {step}")
             if end == "finish":

@@ -40,6 +40,11 @@ class ParseTest(unittest.TestCase):
         self.assertEqual((req.buckets, req.tensors, req.version, req.slots), (4, 9, 3, 2))
         self.assertIsNone(protocol.parse(frames(OPEN_CPU)).handle)
 
+    def test_open_may_ask_to_verify_and_reads_false_without_it(self):
+        for value, want in ((True, True), (False, False)):
+            self.assertIs(protocol.parse(frames({**OPEN_CPU, "verify": value})).verify, want)
+        self.assertIs(protocol.parse(frames(OPEN_CPU)).verify, False)
+
     def test_load_keeps_offsets_relative_to_the_buffer(self):
         req = protocol.parse(frames(LOAD))
         self.assertEqual(req.tensors[0], protocol.TensorMeta("w", "BF16", (2, 3), 2048, 12))
@@ -63,6 +68,8 @@ class ParseTest(unittest.TestCase):
             ("protocol 0", frames({**OPEN_CPU, "protocol": 0}), "protocol 0 is not supported"),
             ("empty buffer_id", frames({**OPEN_CPU, "buffer_id": ""}), "field buffer_id must be a non-empty string"),
             ("keep not a bool", frames({"op": "release", "keep": 1}), "field keep must be a boolean, got 1"),
+            ("verify not a bool", frames({**OPEN_CPU, "verify": "yes"}), 'field verify must be a boolean, got "yes"'),
+            ("verify null", frames({**OPEN_CPU, "verify": None}), "field verify must be a boolean, got null"),
             ("no protocol", frames({k: v for k, v in OPEN_CPU.items() if k != "protocol"}), "field protocol"),
             ("bad backend", frames({**OPEN_CPU, "backend": "rocm"}), "backend 'rocm'"),
             ("cuda without handle", frames(OPEN_CUDA), "takes 2 frames"),

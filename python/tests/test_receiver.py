@@ -2,13 +2,15 @@
 shared-memory file it fills); the worker runs in a thread with a real REP socket."""
 
 import unittest
+from unittest import mock
 
 import support
 
 import torch
 
-from ce_worker import receiver
-from ce_worker.receiver import Receiver, SessionTimeout, copy_bucket, module_loader, serve_session
+from ce_worker import loads, receiver
+from ce_worker.loads import copy_bucket, module_loader
+from ce_worker.receiver import Receiver, SessionTimeout, serve_session
 from ce_worker.transport import connect_rep
 
 SLOT = 4096
@@ -215,6 +217,93 @@ class ReceiverTest(unittest.TestCase):
         s.worker.result()
 
 
+class VerifyTest(unittest.TestCase):
+    """Protocol 2's verify by digest and the held version, on the reference receiver."""
+
+    def update(self, s, tensors, version=1, **open_fields):
+        """One whole session of `tensors` (dict, or a list of dicts loaded one after the other); the replies."""
+        opened = s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=version, **open_fields)
+        for part in tensors if isinstance(tensors, list) else [tensors]:
+            self.assertTrue(all(r["ok"] for r in s.ce.push(s.buf, part, slot_bytes=SLOT)))
+        self.assertEqual(s.ce.request({"op": "release"}), {"ok": True})
+        return opened, s.ce.request({"op": "finish"})
+
+    def test_a_store_without_params_gets_the_digests_of_what_each_load_was_given(self):
+        s = Session(self, Store().load)
+        tensors = support.sample_tensors(seed=11)
+        later = {"model.q.scale": torch.arange(13, dtype=torch.uint8)}  # loaded twice: the last one counts
+        opened, finished = self.update(s, [tensors, later], verify=True)
+        self.assertEqual(opened, {"ok": True, "protocol": 2, "verify": True})
+        self.assertEqual(finished, {"ok": True, "digests": support.digests_of({**tensors, **later})})
+        self.assertEqual(list(finished["digests"]), list(tensors), "one entry per tensor, in the order first loaded")
+        s.worker.result()
+
+    def test_a_module_is_digested_as_it_holds_its_parameters_after_the_copy(self):
+        # The module holds float32 where ce sends float16: copy_bucket converts, and the digest is the module's.
+        module = torch.nn.Linear(3, 2)
+        s = Session(self, module_loader(module))
+        sent = {"weight": torch.randn(2, 3).half(), "bias": torch.randn(2).half()}
+        _, finished = self.update(s, sent, verify=True)
+        self.assertEqual(finished["digests"], support.digests_of(dict(module.state_dict())))
+        self.assertNotEqual(finished["digests"], support.digests_of(sent))
+        s.worker.result()
+
+    def test_params_missing_a_received_tensor_fail_the_finish_naming_it(self):
+        s = Session(self, Store().load, params={"w": torch.zeros(2)})
+        _, finished = self.update(s, {"w": torch.ones(2), "b": torch.ones(1)}, verify=True)
+        self.assertEqual(finished, {"ok": False, "error": "LookupError: verify: the engine holds no tensor b, "
+                                                          "which it received"})
+        s.ce.request({"op": "abort"})
+        s.worker.result()
+
+    def test_without_verify_nothing_is_digested(self):
+        s = Session(self, Store().load)
+        with mock.patch("ce_worker.digest.launch_digests") as launch:
+            opened, finished = self.update(s, {"w": torch.ones(2)}, verify=False)
+        self.assertEqual((opened, finished, launch.called), ({"ok": True}, {"ok": True}, False))
+        s.worker.result()
+
+    def test_a_verify_that_is_not_a_boolean_is_refused_naming_the_field(self):
+        s = Session(self, Store().load)
+        self.assertEqual(s.ce.open_cpu(s.buf, slot_bytes=SLOT, verify="yes"),
+                         {"ok": False, "error": 'ProtocolError: field verify must be a boolean, got "yes"'})
+        s.ce.request({"op": "abort"})
+        s.worker.result()
+
+    def test_the_open_reply_names_the_last_finished_update_until_a_load_changes_the_weights(self):
+        s = Session(self, Store().load, sessions=4)
+        steps = [  # (version, how the session ends, what its open reply must say the engine holds)
+            (1, "finish", None), (2, "abort before load", 1), (3, "abort after load", 1), (4, "finish", None)]
+        for version, end, holds in steps:
+            opened = s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=version)
+            want = {"ok": True} if holds is None else {"ok": True, "protocol": 2, "checkpoint": "test", "version": holds}
+            self.assertEqual(opened, want, f"open of version {version}")
+            if end != "abort before load":
+                s.ce.push(s.buf, {"w": torch.full((2,), float(version))}, slot_bytes=SLOT)
+            if end == "finish":
+                s.ce.request({"op": "release"})
+                s.ce.request({"op": "finish"})
+            else:
+                s.ce.request({"op": "abort", "reason": end})
+        self.assertEqual([r["state"] for r in s.worker.result()], ["finished", "aborted", "aborted", "finished"])
+        self.assertEqual((s.receiver.held.checkpoint, s.receiver.held.version), ("test", 4))
+
+    def test_a_failed_post_hook_leaves_the_held_version_unknown(self):
+        def post(opened):
+            if opened.version == 2:
+                raise RuntimeError("post-load processing failed")
+
+        s = Session(self, Store().load, post, sessions=3)
+        self.update(s, {"w": torch.ones(2)})
+        s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=2)
+        s.ce.request({"op": "release"})
+        self.assertEqual(s.ce.request({"op": "finish"}), {"ok": False, "error": "RuntimeError: post-load processing failed"})
+        s.ce.request({"op": "abort", "reason": "finish failed"})
+        self.assertEqual(s.ce.open_cpu(s.buf, slot_bytes=SLOT, version=3), {"ok": True}, "post-processing changed weights")
+        s.ce.request({"op": "abort"})
+        s.worker.result()
+
+
 class UpdateWeightsTest(unittest.TestCase):
     def test_update_weights_from_ipc_loads_a_module_in_place(self):
         torch.manual_seed(0)
@@ -245,9 +334,15 @@ class UpdateWeightsTest(unittest.TestCase):
         self.assertTrue(torch.equal(params["a"], torch.ones(2, 3)))
         self.assertTrue(torch.equal(params["b"], torch.full((4,), 2.0, dtype=torch.bfloat16)))
 
+    def test_copy_bucket_takes_a_bucket_with_nothing_to_copy_as_bytes(self):
+        # Only empty tensors and dtype conversions: no byte copies, which torch 2's foreach would refuse.
+        params = {"e": torch.zeros(0, 4), "f": torch.zeros(2)}
+        copy_bucket(params, [("e", torch.ones(0, 4)), ("f", torch.full((2,), 3.0, dtype=torch.float16))])
+        self.assertTrue(torch.equal(params["f"], torch.full((2,), 3.0)))
+
     def test_errors_format_as_type_message_and_tensor(self):
-        self.assertEqual(receiver.format_error(receiver.tag(ValueError("bad"), "w")), "ValueError: bad (tensor w)")
-        self.assertEqual(receiver.format_error(RuntimeError("oom")), "RuntimeError: oom")
+        self.assertEqual(loads.format_error(loads.tag(ValueError("bad"), "w")), "ValueError: bad (tensor w)")
+        self.assertEqual(loads.format_error(RuntimeError("oom")), "RuntimeError: oom")
 
 
 if __name__ == "__main__":

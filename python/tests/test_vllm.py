@@ -51,6 +51,20 @@ class StandInModel(torch.nn.Module):
         return {n for n, _ in weights}
 
 
+class FusingModel(torch.nn.Module):
+    """Loads like vLLM's attention: q, k and v of the checkpoint land in one fused qkv parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Parameter(torch.zeros(12), False)
+
+    def load_weights(self, weights):
+        for name, t in weights:
+            part = ("attn.q", "attn.k", "attn.v").index(name)
+            self.qkv.data[4 * part:4 * part + 4].copy_(t)
+        return {n for n, _ in weights}
+
+
 class StandInWorker:
     def __init__(self, model, drafter=None, method=None, runner_attr="drafter", quantization=None,
                  layers=2, mtp_layers=0, device=None):
@@ -88,6 +102,7 @@ class Harness:
         for p in patches:
             p.start()
             self.addCleanup(p.stop)
+        receiver.process_held(UUID).clear()  # what earlier tests' updates left this process holding
 
     def serve(self, worker, tensors, endpoints=None, slots=2, slot_bytes=SLOT, finish_reply=None):
         """ce's side of one update to `worker`; returns the worker's collective_rpc result."""
@@ -136,7 +151,10 @@ class VllmExtensionTest(Harness, unittest.TestCase):
             self.addCleanup(ce.close)
             rpc = support.Background(lambda: worker.update_weights_from_ipc({UUID: ce.endpoint}))
             reply = ce.open_cpu(buf, slot_bytes=SLOT, device_uuid=UUID, buffer_id="ce-1-dev0")
-            self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": "ce-1-dev0", "kept": kept}, f"call {call}")
+            # From the second call on the process holds version 1 (the abort came before any load).
+            holds = {"checkpoint": "test", "version": 1} if call else {}
+            self.assertEqual(reply, {"ok": True, "protocol": 2, "buffer_id": "ce-1-dev0", "kept": kept, **holds},
+                             f"call {call}")
             if end == "abort":
                 ce.request({"op": "abort", "reason": "another rank failed"})
                 self.assertEqual(rpc.result()["state"], "aborted")
@@ -151,6 +169,48 @@ class VllmExtensionTest(Harness, unittest.TestCase):
             self.assertIsNotNone(receiver.process_cache(UUID).mapping, "the mapping stays for the next call")
             for n, t in tensors.items():
                 self.assertTrue(torch.equal(model.weights[n.replace(".", "_")], t))
+
+    def test_verify_digests_the_slot_views_though_load_weights_fuses_them(self):
+        model = FusingModel()
+        worker = extended(StandInWorker)(model)
+        g = torch.Generator().manual_seed(3)
+        first = {n: torch.randn(4, generator=g) for n in ("attn.q", "attn.k", "attn.v")}
+        again = {"attn.k": torch.randn(4, generator=g)}  # k arrives twice: the digest is of the last
+        ce = support.Ce()
+        buf = support.ShmBuffer(2 * SLOT)
+        self.addCleanup(buf.close)
+        self.addCleanup(ce.close)
+        rpc = support.Background(lambda: worker.update_weights_from_ipc({UUID: ce.endpoint}))
+        self.assertEqual(ce.open_cpu(buf, slot_bytes=SLOT, device_uuid=UUID, verify=True),
+                         {"ok": True, "protocol": 2, "verify": True})
+        for tensors in (first, again):
+            self.assertEqual(ce.push(buf, tensors, slot_bytes=SLOT), [{"ok": True}])
+        buf.write(0, torch.full((2 * SLOT // 4,), 7.0))  # ce refills the slots: the digests are already taken
+        ce.request({"op": "release"})
+        reply = ce.request({"op": "finish"})
+        sent = {**first, **again}
+        self.assertEqual(reply["digests"], support.digests_of(sent))
+        self.assertEqual(rpc.result()["state"], "finished")
+        self.assertTrue(torch.equal(model.qkv, torch.cat([sent["attn.q"], sent["attn.k"], sent["attn.v"]])))
+
+    def test_the_open_reply_names_the_version_the_process_finished_last(self):
+        worker = extended(StandInWorker)(StandInModel(["w"]))
+        for version, (end, holds) in enumerate([("finish", {}), ("finish", {"checkpoint": "test", "version": 0}),
+                                                ("abort", {"checkpoint": "test", "version": 1}), ("finish", {})]):
+            ce = support.Ce()
+            buf = support.ShmBuffer(2 * SLOT)
+            self.addCleanup(buf.close)
+            self.addCleanup(ce.close)
+            rpc = support.Background(lambda: worker.update_weights_from_ipc({UUID: ce.endpoint}))
+            reply = ce.open_cpu(buf, slot_bytes=SLOT, device_uuid=UUID, version=version)
+            self.assertEqual(reply, {"ok": True, **({"protocol": 2, **holds} if holds else {})}, f"version {version}")
+            ce.push(buf, {"w": torch.full((4,), float(version))}, slot_bytes=SLOT)
+            if end == "abort":  # after a load: the weights may be partial, so the next open says nothing
+                ce.request({"op": "abort", "reason": "another rank failed"})
+            else:
+                ce.request({"op": "release"})
+                ce.request({"op": "finish"})
+            self.assertEqual(rpc.result()["state"], end + "ed")
 
     def test_endpoints_may_arrive_as_json_text(self):
         model = StandInModel(["w"])
@@ -206,6 +266,7 @@ class VllmExtensionTest(Harness, unittest.TestCase):
         for runner_attr in ("drafter", "speculator"):  # V1 and V2 model runners
             with self.subTest(runner_attr):
                 self.post.clear()
+                receiver.process_held(UUID).clear()  # a fresh process per runner
                 target = StandInModel([f"model.layers.{i}.w" for i in range(2)])
                 mtp = StandInMTP(first=2, count=2)
                 worker = extended(StandInWorker)(target, mtp, method="deepseek_mtp", runner_attr=runner_attr,

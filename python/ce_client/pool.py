@@ -1,0 +1,213 @@
+"""Pool: the trainer's handle on one pool of ce serve (DESIGN.md, "Versions, the resident pool").
+
+A pool is a model layout that ce serve registered once, with K version slots in shared memory that
+ce keeps pinned. push() writes a state dict into the slot ce hands out for a new version, straight
+from the trainer's tensors (GPU or CPU) into the slot file, telling ce as it goes how much is
+complete (so ce digests and streams while the copy runs), then publishes it; with update=True ce
+also updates every engine to it.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .api import Api
+from .errors import CeError
+from .layout import check, layout_of, normalize
+from .slots import SlotFile
+
+StateDict = Mapping[str, torch.Tensor]
+DEFAULT_PROGRESS_BYTES = 256 << 20
+
+
+class Pool:
+    """One pool of ce serve at `url` (http://HOST:PORT or unix:PATH) or Unix socket `socket`.
+
+    Slot files stay mapped (and registered with CUDA) from one push to the next; close() unmaps
+    them. Every failure is a CeError: ce's code, message and hint, or the client's own E_CLIENT_*.
+    """
+
+    def __init__(self, name: str, url: Optional[str] = None, socket: Optional[str] = None,
+                 timeout_s: Optional[float] = 600.0) -> None:
+        self.name = name
+        self.api = Api(url, socket, timeout_s)
+        self.layout: Optional[List[dict]] = None  # the pool's, as ce last sent it (with offsets)
+        self._path = f"/v1/pools/{urllib.parse.quote(name, safe='')}"
+        self._slots: Dict[str, SlotFile] = {}
+
+    @classmethod
+    def create(cls, name: str, state_dict_or_layout: Union[StateDict, Sequence[Mapping[str, Any]], str, os.PathLike],
+               slots: int = 2, url: Optional[str] = None, socket: Optional[str] = None,
+               timeout_s: Optional[float] = 600.0) -> "Pool":
+        """Register a pool with ce serve: the layout of a state dict (its order), a layout given as
+        [{"name", "dtype", "shape"}] (dtype a torch dtype or a safetensors name), or a checkpoint's path."""
+        pool = cls(name, url=url, socket=socket, timeout_s=timeout_s)
+        body: Dict[str, Any] = {"name": name, "slots": slots}
+        if isinstance(state_dict_or_layout, (str, os.PathLike)):
+            body["path"] = os.fspath(state_dict_or_layout)
+        elif isinstance(state_dict_or_layout, Mapping):
+            body["layout"] = layout_of(state_dict_or_layout)
+        else:
+            body["layout"] = normalize(state_dict_or_layout)
+        pool.layout = pool.api.call("POST", "/v1/pools", body).get("layout")
+        return pool
+
+    def info(self) -> dict:
+        """GET the pool: its layout, slot files, versions, and which version serves."""
+        reply = self.api.call("GET", self._path)
+        self.layout = reply.get("layout")
+        return reply
+
+    def push(self, state_dict: StateDict, version: int, publish: bool = True, update: bool = False,
+             progress_bytes: int = DEFAULT_PROGRESS_BYTES, verify: Optional[bool] = None) -> dict:
+        """Write `state_dict` as `version` and publish it; with update, every engine gets it too,
+        each bucket as soon as its bytes are written (ce starts the update with the slot).
+
+        Returns publish's reply, or, with publish=False, the slot ce handed out. A state dict that
+        does not fit the layout (names, dtypes, shapes) raises LayoutError before a slot is taken;
+        a push that fails while copying gives its version up (DELETE), so no update waits for it.
+        CUDA tensors are copied on their devices' current streams: they must be ready there.
+        verify (None: ce serve's default) says whether the engines' digests are checked.
+        """
+        check(state_dict, self.layout if self.layout is not None else self.info()["layout"], self.name)
+        begin: Dict[str, Any] = {"version": version, "update": update, **_verify(verify)}
+        slot = self.api.call("POST", f"{self._path}/versions", begin)
+        try:
+            check(state_dict, slot["layout"], self.name)  # the pool may have been made anew since
+            self.layout = slot["layout"]
+            end = self._write(state_dict, version, slot, progress_bytes)
+        except BaseException:
+            self._give_up(version)
+            raise
+        if not publish:
+            self._written(version, end)  # all of it: ce can digest it before the publish
+            return slot
+        return self.publish(version, update=update, verify=verify)
+
+    def publish(self, version: int, update: bool = False, verify: Optional[bool] = None) -> dict:
+        """Make a written version ready (ce digests what it has not yet); with update, update every
+        engine to it (or wait for the update that push started)."""
+        return self.api.call("POST", f"{self._path}/versions/{version}/publish", {"update": update, **_verify(verify)})
+
+    def update(self, version: int, verify: Optional[bool] = None) -> dict:
+        """Update every engine to a ready version of this pool."""
+        return self.api.call("POST", "/v1/update", {"pool": self.name, "version": version, **_verify(verify)})
+
+    def rollback(self) -> dict:
+        """Push the last good version to every engine again."""
+        return self.api.call("POST", f"{self._path}/rollback", {})
+
+    def delete(self) -> dict:
+        """Unregister the pool in ce serve (its slot files go too); unmaps them here first."""
+        self.close()
+        return self.api.call("DELETE", self._path)
+
+    def close(self) -> None:
+        """Unregister the slot files from CUDA and unmap them. The pool stays in ce serve."""
+        slots, self._slots = self._slots, {}
+        for f in slots.values():
+            f.close()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _slot_file(self, path: str) -> SlotFile:
+        f = self._slots.get(path)
+        if f is None:
+            f = self._slots[path] = SlotFile(path)
+        return f
+
+    def _give_up(self, version: int) -> None:
+        try:
+            self.api.call("DELETE", f"{self._path}/versions/{version}")
+        except CeError:
+            pass  # the push's own error is the one to raise; an update waiting for it ends at its deadline
+
+    def _written(self, version: int, nbytes: int) -> None:
+        self.api.call("POST", f"{self._path}/versions/{version}/written", {"bytes": nbytes})
+
+    def _write(self, state_dict: StateDict, version: int, slot: dict, progress_bytes: int) -> int:
+        """Copy every tensor into the slot file in offset order, telling ce every ~progress_bytes;
+        returns where the last tensor ends."""
+        f = self._slot_file(slot["path"])
+        entries = sorted(slot["layout"], key=lambda e: e["offset"])
+        end = max((e["offset"] + e["nbytes"] for e in entries), default=0)
+        if end > f.size:
+            raise CeError("E_CLIENT_SLOT", f"slot file {f.path} has {f.size} bytes, pool {self.name}'s layout "
+                                           f"needs {end}")
+        if any(state_dict[e["name"]].is_cuda for e in entries):
+            f.register_cuda()
+        progress = _Progress(lambda nbytes: self._written(version, nbytes), progress_bytes)
+        with torch.no_grad():
+            for e in entries:
+                src = state_dict[e["name"]].detach()
+                nbytes = src.numel() * src.element_size()
+                if nbytes != e["nbytes"]:
+                    raise CeError("E_CLIENT_LAYOUT", f"pool {self.name}: tensor {e['name']} has {nbytes} bytes, "
+                                                     f"ce's layout says {e['nbytes']}")
+                if nbytes:
+                    dst = f.tensor[e["offset"]:e["offset"] + nbytes]
+                    # Bytes, not values: any dtype (bf16, fp8, bool) goes bit for bit.
+                    dst.copy_(src.contiguous().view(-1).view(torch.uint8), non_blocking=src.is_cuda)
+                progress.copied(src.device if src.is_cuda else None, e["offset"] + nbytes)
+        progress.finish()
+        return end
+
+
+class _Progress:
+    """Says how many leading bytes of the slot are complete, one step behind the copies.
+
+    At every ~step bytes an event is recorded on each GPU that copied since the last step; the
+    previous step's events are waited for and its bytes posted, so the GPUs keep copying while
+    the trainer waits and ce hears. CPU copies are complete when copy_ returns.
+    """
+
+    def __init__(self, post, step: int) -> None:
+        self.post = post
+        self.step = step
+        self.next_at = step if step > 0 else None
+        self.devices: set = set()  # GPUs with copies since the last step
+        self.pending: Optional[tuple] = None  # (bytes, events) of the last step, not yet posted
+
+    def copied(self, device: Optional[torch.device], end: int) -> None:
+        if device is not None:
+            self.devices.add(device)
+        if self.next_at is None or end < self.next_at:
+            return
+        events = []
+        for d in self.devices:
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(d))
+            events.append(ev)
+        self.devices = set()
+        self._post_pending()
+        self.pending = (end, events)
+        self.next_at = end + self.step
+
+    def finish(self) -> None:
+        """Wait for every copy; what is complete now is said by the caller (written or publish)."""
+        for d in self.devices:
+            torch.cuda.current_stream(d).synchronize()
+        if self.pending is not None:
+            for ev in self.pending[1]:
+                ev.synchronize()
+        self.devices, self.pending = set(), None
+
+    def _post_pending(self) -> None:
+        if self.pending is not None:
+            nbytes, events = self.pending
+            for ev in events:
+                ev.synchronize()
+            self.post(nbytes)
+            self.pending = None
+
+
+def _verify(verify: Optional[bool]) -> dict:
+    return {} if verify is None else {"verify": verify}

@@ -1,0 +1,82 @@
+"""What the engine holds, as far as the worker knows it (protocol 2's additions).
+
+Held is the update this process last finished, which the reply to open reports (for delta updates:
+ce sends a delta only onto the exact version the engine holds). Digests are what an update asked to
+verify returns at finish: the digest (docs/digest.md) of every tensor it loaded, which ce compares
+with its own.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from . import digest
+
+
+class Held:
+    """The checkpoint and version of the last update this process finished (finish replied ok).
+
+    Nothing is known in a fresh process, and nothing from the first load of an update on until that
+    update finishes: an abort or a failed update may leave the weights partly new.
+    """
+
+    def __init__(self) -> None:
+        self.checkpoint: Optional[str] = None
+        self.version: Optional[int] = None
+
+    def finished(self, checkpoint: str, version: int) -> None:
+        self.checkpoint, self.version = checkpoint, version
+
+    def clear(self) -> None:
+        self.checkpoint = self.version = None
+
+    def fields(self) -> dict:
+        """The open reply's fields: {"checkpoint", "version"}, or none when nothing is known."""
+        if self.checkpoint is None:
+            return {}
+        return {"checkpoint": self.checkpoint, "version": self.version}
+
+
+class Digests:
+    """The digests of one update's loaded tensors, by name; a tensor loaded twice counts as it was last.
+
+    With `params` (the engine's own tensors under the checkpoint's names, as a plain module holds
+    them) the digests are those of the params at finish, after the copies: they check the copy too.
+    Without, they are those of the slot views each load was given, launched before load_fn on the
+    device's stream (so the reply to load, which waits for that stream, waits for them) and
+    collected at finish: one host sync per update, however many buckets.
+    """
+
+    def __init__(self, params: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+        self.params = params
+        self.batches: List[digest.Launched] = []
+        self.where: Dict[str, Tuple[int, int]] = {}  # name -> (batch, index in it) of its last load
+
+    def launch(self, weights: Sequence[Tuple[str, torch.Tensor]]) -> Optional[digest.Launched]:
+        """Before a load: start the digests of its views (none with params: those wait for finish)."""
+        if self.params is not None:
+            return None
+        return digest.launch_digests([t for _, t in weights])
+
+    def loaded(self, weights: Sequence[Tuple[str, torch.Tensor]], launched: Optional[digest.Launched]) -> None:
+        """After a load that succeeded: its tensors count, with the digests launch() started."""
+        for i, (name, _) in enumerate(weights):
+            self.where[name] = (len(self.batches), i)
+        if launched is not None:
+            self.batches.append(launched)
+
+    def collect(self) -> Dict[str, str]:
+        """{tensor name: 16 hex digits} for every tensor loaded; syncs with the devices once."""
+        names = list(self.where)
+        if self.params is not None:
+            missing = [n for n in names if n not in self.params]
+            if missing:
+                raise LookupError(f"verify: the engine holds no tensor {missing[0]}, which it received"
+                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            values = digest.tensor_digests([self.params[n] for n in names])
+        else:
+            batches = digest.collect_digests(self.batches)
+            values = [batches[b][i] for b, i in (self.where[n] for n in names)]
+        return {n: digest.format_digest(v) for n, v in zip(names, values)}

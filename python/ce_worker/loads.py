@@ -1,0 +1,103 @@
+"""The pieces of a load: views into ce's buffer, copying them into an engine's tensors, and the
+error text of a reply that names the tensor concerned.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import torch
+
+from . import dtypes, protocol
+
+Weights = List[Tuple[str, torch.Tensor]]
+
+
+def tensor_views(buffer: torch.Tensor, metas: Sequence[protocol.TensorMeta]) -> List[Tuple[str, torch.Tensor]]:
+    """Zero-copy views into `buffer` (uint8), one per tensor, with dtype and shape applied."""
+    out = []
+    size = buffer.numel()
+    for m in metas:
+        try:
+            dt = dtypes.lookup(m.dtype)
+            want = dt.nbytes(m.shape)
+            if m.nbytes != want:
+                raise ValueError(f"{m.dtype} {list(m.shape)} needs {want} bytes, nbytes says {m.nbytes}")
+            if m.offset + m.nbytes > size:
+                raise ValueError(f"bytes [{m.offset}, {m.offset + m.nbytes}) lie outside the {size}-byte buffer")
+            raw = buffer[m.offset:m.offset + m.nbytes]
+            if dt.torch is None:
+                view = raw.view(dt.raw_shape(m.shape))
+            else:
+                view = raw.view(dt.torch).view(m.shape)
+        except Exception as e:
+            raise tag(e, m.name)
+        out.append((m.name, view))
+    return out
+
+
+def copy_bucket(params: Mapping[str, torch.Tensor], weights: Sequence[Tuple[str, torch.Tensor]]) -> None:
+    """Copy a bucket into named tensors with one batched call (torch._foreach_copy_ where torch has it).
+
+    One kernel launch per bucket instead of one Python call and launch per tensor: with
+    thousands of small tensors (norms, biases) the per-call overhead would dominate.
+    """
+    dsts, srcs = [], []
+    for name, src in weights:
+        dst = params.get(name)
+        if dst is None:
+            raise tag(KeyError(name), name)
+        if dst.shape != src.shape:
+            raise tag(ValueError(f"shape {list(src.shape)} does not match the parameter's {list(dst.shape)}"), name)
+        dsts.append(dst)
+        srcs.append(src)
+    # Copied as bytes: a weight update must be bit for bit, and CUDA's foreach copy of a float dtype
+    # does not keep a NaN's payload (measured on an H200 with torch 2.11: random BF16 data came out
+    # changed from the first NaN on). Same dtype, same size: the byte views match one to one.
+    byte_dsts, byte_srcs = [], []
+    with torch.no_grad():
+        for dst, src in zip(dsts, srcs):
+            if dst.dtype == src.dtype and dst.is_contiguous() and src.is_contiguous() and dst.numel() > 0:
+                byte_dsts.append(dst.reshape(-1).view(torch.uint8))
+                byte_srcs.append(src.reshape(-1).view(torch.uint8))
+            else:
+                dst.copy_(src)
+        # torch 2's foreach refuses an empty list (a bucket of empty or converted tensors only)
+        if byte_dsts and hasattr(torch, "_foreach_copy_"):
+            torch._foreach_copy_(byte_dsts, byte_srcs)
+        else:
+            for dst, src in zip(byte_dsts, byte_srcs):
+                dst.copy_(src)
+
+
+class ModuleLoader:
+    """A load_fn for a plain module whose parameter and buffer names match the checkpoint's; verify
+    digests its params, the module's own tensors."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params: Dict[str, torch.Tensor] = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+    def __call__(self, weights: Weights) -> None:
+        copy_bucket(self.params, weights)
+
+
+def module_loader(module: torch.nn.Module) -> ModuleLoader:
+    """A load_fn for a plain module whose parameter and buffer names match the checkpoint's."""
+    return ModuleLoader(module)
+
+
+def tag(exc: BaseException, tensor: str) -> BaseException:
+    """Mark `exc` with the tensor it concerns; format_error appends it."""
+    if getattr(exc, "ce_tensor", None) is None:
+        try:
+            exc.ce_tensor = tensor
+        except AttributeError:
+            pass
+    return exc
+
+
+def format_error(exc: BaseException) -> str:
+    """The error text of a reply: "<Type>: <message> (tensor <name>)"."""
+    text = f"{type(exc).__name__}: {exc}"
+    tensor = getattr(exc, "ce_tensor", None)
+    return f"{text} (tensor {tensor})" if tensor else text
