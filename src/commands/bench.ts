@@ -13,6 +13,7 @@ import { synthesize } from "../checkpoint/synth";
 import { formatBytes, formatSeconds, gbps } from "../base/units";
 import type { UpdateSummary } from "../core/update";
 import { deviceArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
+import { poolBench, poolTable } from "./_pool-bench";
 
 interface Stats {
   median: number;
@@ -59,6 +60,12 @@ export default defineCommand({
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
     trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace", valueHint: "FILE" },
+    pool: {
+      type: "boolean",
+      description: "the RL step end to end: a trainer process (Python, torch) pushes the model's state dict into a resident pool, each update streaming behind its push",
+      default: false,
+    },
+    "trainer-device": { type: "string", description: "with --pool: where the trainer's state dict lives (default: the first GPU, or cpu)", valueHint: "cuda:N|cpu" },
     timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
     ...deviceArgs,
     ...planArgs,
@@ -71,6 +78,19 @@ export default defineCommand({
     const options = updaterOptions({ ...args, engine: "workers" });
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);
+    if (args.pool) {
+      try {
+        up = await openUpdater(options);
+        const trainerDevice = args["trainer-device"] ?? (up.ctx.backend === "cuda" ? `cuda:${up.set.devices[0]!.ordinal}` : "cpu");
+        const result = await poolBench(up, { model: args.model, repeat, python: config.CE_PYTHON, trainerDevice, bucketBytes, slots, timeoutMs, verify: args.verify });
+        if (args.json) writeJson({ ok: true, ...result });
+        else process.stdout.write(poolTable(result));
+      } finally {
+        await up?.close();
+        stopCleanup();
+      }
+      return;
+    }
 
     const t0 = performance.now();
     let lastShown = 0;

@@ -27,7 +27,7 @@ export function selfCommand(): string[] {
 
 /** python/ of this checkout (beside src/, or beside dist/ for the compiled ce), so
  *  `python3 -m ce_worker` works without installing the package. */
-function pythonPath(): string | undefined {
+export function pythonPath(): string | undefined {
   const candidates = [resolve(import.meta.dir, "../../python"), resolve(dirname(process.execPath), "../python")];
   return candidates.find((dir) => existsSync(resolve(dir, "ce_worker")));
 }
