@@ -4,7 +4,7 @@
 // ce_worker's vLLM extension. Afterwards its state dict is the checkpoint's bytes and its logits
 // are those of the same model loaded straight from the file. On a GPU this is the CUDA IPC path.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { config } from "../../src/base/config";
 import { gpu } from "../helpers/gpu";
@@ -19,8 +19,13 @@ import {
   expectSameLogits,
   probeModel,
   referenceLogits,
+  runToEnd,
   writeModelCheckpoint,
 } from "../helpers/model";
+import { CLI } from "../helpers/update";
+
+const TRAINER = join(import.meta.dir, "../helpers/pool-trainer.py");
+const ceCommand = () => (existsSync(join(import.meta.dir, "../../dist/ce")) ? [join(import.meta.dir, "../../dist/ce")] : [process.execPath, CLI]);
 import { findPython } from "../helpers/python";
 
 const py = findPython();
@@ -197,5 +202,38 @@ for (const c of CASES) {
       },
       600_000,
     );
+
+    test("a trainer's state dict on its device, pushed into a pool of ce serve, updates the engine bit for bit; rollback puts the previous version back", async () => {
+      const socket = join(dir, "serve.sock");
+      const serve = Bun.spawn(
+        [...ceCommand(), "serve", "--socket", socket, "--engine", "external", "--endpoint", server.rpcUrl, "--device", c.device, "--devices", "1", "--bucket-size", c.bucketSize, "--json"],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe", env: { ...process.env, CE_OP_TIMEOUT: "30s" } },
+      );
+      try {
+        const reader = serve.stdout.getReader();
+        await reader.read(); // the listening line
+        reader.releaseLock();
+        const push = async (seed: number, version: number, create: boolean) => {
+          const cmd = [py.python, TRAINER, "--socket", socket, "--pool", "policy", "--seed", String(seed), "--version", String(version), "--device", device, ...(c.kind === "tiny" ? ["--tiny"] : []), ...(create ? ["--create"] : [])];
+          const r = await runToEnd(cmd, `pushing version ${version}`, 180_000);
+          if (r.code !== 0) throw new Error(`the trainer failed (exit ${r.code}): ${r.stderr}\nengine log:\n${server.logTail()}`);
+          return JSON.parse(r.stdout.trim().split("\n").at(-1)!) as { update: { version: number; tensors: number; verified: number | null } };
+        };
+        // checkpoint b is the model under seed 2, a under seed 1
+        const first = await push(2, 1, true);
+        expect(first.update).toMatchObject({ version: 1, tensors: Object.keys(sha.b).length, verified: Object.keys(sha.b).length });
+        expect(await server.stateSha()).toEqual(sha.b);
+        expectSameLogits(await server.logits(), ref.b, "after the push of version 1");
+        await push(1, 2, false);
+        expect(await server.stateSha()).toEqual(sha.a);
+        const rb = await fetch("http://ce/v1/pools/policy/rollback", { method: "POST", unix: socket } as RequestInit);
+        expect(((await rb.json()) as { to: number }).to).toBe(1);
+        expect(await server.stateSha()).toEqual(sha.b);
+        expectSameLogits(await server.logits(), ref.b, "after the rollback");
+      } finally {
+        serve.kill("SIGTERM");
+        await serve.exited;
+      }
+    }, 600_000);
   });
 }
