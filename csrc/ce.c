@@ -135,7 +135,9 @@ int ce_ctx_create(int backend, const int32_t *devices, int ndev, ce_ctx_t **ctx_
 
 void ce_ctx_destroy(ce_ctx_t *ctx) {
   if (!ctx) return;
-  /* Communicators first: a broadcast stuck on a dead peer ends only when they are aborted. */
+  /* Transfer endpoints and communicators first: a read or a broadcast stuck on a dead peer ends
+   * only when they are torn down. */
+  ce_xfers_free(ctx);
   ce_comm_shutdown(ctx);
   ce_ops_drain(ctx);
   ce_bufs_free(ctx);

@@ -260,6 +260,7 @@ void ce_buf_destroy(ce_buf_t *b) {
   /* Ops still copying into or out of the buffer finish first (freeing under a DMA corrupts
    * whatever the allocator hands out next), and forget it, collected or not. */
   ce_ops_forget_buf(b->ctx, b);
+  ce_xfers_forget_buf(b->ctx, b);
   buf_unlink(b->ctx, b);
   buf_free(b);
 }

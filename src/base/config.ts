@@ -13,6 +13,8 @@ export const ENV = [
   { name: "CE_LIBZMQ", default: "", doc: "path to a libzmq.so.5 to use instead of the one embedded in ce" },
   { name: "CE_LIBCUDA", default: "libcuda.so.1", doc: "CUDA driver library to dlopen" },
   { name: "CE_LIBNCCL", default: "libnccl.so.2", doc: "NCCL library to dlopen" },
+  { name: "CE_UCX_LIB", default: "libucp.so.0", doc: "UCX library (libucp) the P2P transfer engine dlopens; UCX_* variables configure UCX itself" },
+  { name: "CE_MOONCAKE_LIB", default: "libtransfer_engine.so", doc: "Mooncake transfer engine library the P2P engine dlopens" },
   { name: "CE_DEVICE", flag: "--device", default: "auto", doc: "backend: cuda, cpu, or auto (cuda when a GPU is present)" },
   { name: "CE_BUCKET_SIZE", flag: "--bucket-size", default: "auto", doc: "bucket size, e.g. 1GiB; auto sizes from GPU memory and the largest tensor" },
   { name: "CE_SLOTS", flag: "--slots", default: "auto", doc: "IPC slots per GPU (3 overlaps H2D, broadcast and reload)" },

@@ -5,7 +5,8 @@ import { ENV, config } from "../base/config";
 import { errorMessage } from "../base/errors";
 import { writeJson } from "../base/log";
 import { formatBytes } from "../base/units";
-import { type GpuInfo, cudaDeviceCount, cudaDeviceInfo, cudaLoad, libPath, libcePath, ncclLoad, probeLibrary } from "../native/ce";
+import { type GpuInfo, cudaDeviceCount, cudaDeviceInfo, cudaLoad, libPath, libcePath, ncclLoad } from "../native/ce";
+import { type XferInfo, xferLoad } from "../native/xfer";
 import { zmqLibrary } from "../native/zmq";
 import { outputArgs } from "./_args";
 
@@ -22,6 +23,12 @@ interface Report {
   checks: Check[];
   gpus: GpuInfo[];
   env: { name: string; value: string; default: string; doc: string }[];
+}
+
+function describeEngine(e: XferInfo): string {
+  const transports = e.transports.length ? e.transports.join(" ") : "none reported";
+  const memory = e.memoryTypes.length ? `; memory: ${e.memoryTypes.join(", ")}` : "";
+  return `${e.version ? `${e.version} ` : ""}(${e.path}): ${transports}${memory}`;
 }
 
 function probe(name: string, required: boolean, fn: () => string): Check {
@@ -55,8 +62,9 @@ export function diagnose(): Report {
       const { version } = ncclLoad();
       return `${Math.floor(version / 10000)}.${Math.floor(version / 100) % 100}.${version % 100} (${libPath("nccl")})`;
     }),
-    probe("UCX (P2P)", false, () => probeLibrary("libucp.so.0")),
-    probe("Mooncake (P2P)", false, () => probeLibrary("libtransfer_engine.so")),
+    // P2P transfer engines: what each can move bytes over here (UCX: under the UCX_* environment).
+    probe("UCX (P2P)", false, () => describeEngine(xferLoad("ucx"))),
+    probe("Mooncake (P2P)", false, () => describeEngine(xferLoad("mooncake"))),
     probe("shared memory", true, () => {
       const st = statfsSync(config.CE_SHM_DIR);
       return `${config.CE_SHM_DIR}: ${formatBytes(Number(st.bavail) * Number(st.bsize))} free of ${formatBytes(Number(st.blocks) * Number(st.bsize))}`;

@@ -107,6 +107,34 @@ const symbols = {
   ce_bcast_submit: { args: ["ptr", "i32", "ptr", "u64", "ptr", "u64", "u64", "u64", "u64", "ptr"], returns: "i32" },
   // int ce_nccl_abort(ce_ctx_t *ctx);
   ce_nccl_abort: { args: ["ptr"], returns: "i32" },
+  // int ce_xfer_load(int engine, const char *path, char *json, uint64_t len);
+  ce_xfer_load: { args: ["i32", "ptr", "ptr", "u64"], returns: "i32" },
+  // int ce_xfer_create(ce_ctx_t *ctx, int engine, ce_xfer_t **xfer_out);
+  ce_xfer_create: { args: ["ptr", "i32", "ptr"], returns: "i32" },
+  // void ce_xfer_destroy(ce_xfer_t *xfer);  blocks (bounded)
+  ce_xfer_destroy: { args: ["ptr"], returns: "void" },
+  // int ce_xfer_address(ce_xfer_t *xfer, uint8_t *addr, uint64_t len, uint64_t *bytes_out);
+  ce_xfer_address: { args: ["ptr", "ptr", "u64", "ptr"], returns: "i32" },
+  // int ce_xfer_register_region(ce_xfer_t *xfer, uint32_t region, uint32_t *reg_out);
+  ce_xfer_register_region: { args: ["ptr", "u32", "ptr"], returns: "i32" },
+  // int ce_xfer_register_buf(ce_xfer_t *xfer, ce_buf_t *buf, uint32_t *reg_out);
+  ce_xfer_register_buf: { args: ["ptr", "ptr", "ptr"], returns: "i32" },
+  // int ce_xfer_rkey(ce_xfer_t *xfer, uint32_t reg, uint8_t *rkey, uint64_t len, uint64_t *bytes_out);
+  ce_xfer_rkey: { args: ["ptr", "u32", "ptr", "u64", "ptr"], returns: "i32" },
+  // int ce_xfer_deregister(ce_xfer_t *xfer, uint32_t reg);
+  ce_xfer_deregister: { args: ["ptr", "u32"], returns: "i32" },
+  // int ce_xfer_connect(ce_xfer_t *xfer, const uint8_t *addr, uint64_t len, const char *name, uint32_t *peer_out);
+  ce_xfer_connect: { args: ["ptr", "ptr", "u64", "ptr", "ptr"], returns: "i32" },
+  // int ce_xfer_disconnect(ce_xfer_t *xfer, uint32_t peer);
+  ce_xfer_disconnect: { args: ["ptr", "u32"], returns: "i32" },
+  // int ce_xfer_read_region(ce_xfer_t *xfer, uint32_t peer, const uint8_t *rkey, uint64_t rkey_len, uint32_t region,
+  //                         const uint64_t *reads, uint64_t nreads, int timeout_ms, uint64_t *op_out);
+  ce_xfer_read_region: { args: ["ptr", "u32", "ptr", "u64", "u32", "ptr", "u64", "i32", "ptr"], returns: "i32" },
+  // int ce_xfer_read_buf(ce_xfer_t *xfer, uint32_t peer, const uint8_t *rkey, uint64_t rkey_len, ce_buf_t *buf,
+  //                      const uint64_t *reads, uint64_t nreads, int timeout_ms, uint64_t *op_out);
+  ce_xfer_read_buf: { args: ["ptr", "u32", "ptr", "u64", "ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
+  // int ce_xfer_stats(ce_xfer_t *xfer, uint64_t *stats, uint64_t len);
+  ce_xfer_stats: { args: ["ptr", "ptr", "u64"], returns: "i32" },
   // int ce_op_poll(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *value);
   ce_op_poll: { args: ["ptr", "u64", "ptr", "ptr"], returns: "i32" },
   // int ce_op_wait(ce_ctx_t *ctx, uint64_t op, int timeout_ms, double *times, uint64_t *value);

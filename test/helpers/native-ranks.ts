@@ -16,8 +16,9 @@ export class RankProc {
   readonly ready: Promise<Reply>;
   readonly exited: Promise<number>;
 
-  constructor(opts: { backend?: "cpu" | "cuda"; devices?: number[]; env?: Record<string, string> } = {}) {
-    const proc = Bun.spawn([process.execPath, HELPER, opts.backend ?? "cpu", (opts.devices ?? [0]).join(",")], {
+  /** script: another helper that speaks the same JSON lines (xfer-peer.ts); native-rank.ts by default. */
+  constructor(opts: { backend?: "cpu" | "cuda"; devices?: number[]; env?: Record<string, string>; script?: string } = {}) {
+    const proc = Bun.spawn([process.execPath, opts.script ?? HELPER, opts.backend ?? "cpu", (opts.devices ?? [0]).join(",")], {
       stdin: "pipe",
       stdout: "pipe",
       stderr: "pipe",
