@@ -42,7 +42,7 @@ export interface PoolBenchResult {
   publishSeconds: Stats;
   digestSeconds: Stats;
   verified: boolean;
-  rollbackSeconds: number;
+  rollbackSeconds: number | null;
   gbps: number;
 }
 
@@ -56,7 +56,7 @@ interface PushLine {
 
 export async function poolBench(
   up: Updater,
-  o: { model: string; repeat: number; python: string; trainerDevice: string; bucketBytes?: number; slots?: number; timeoutMs: number; verify: boolean },
+  o: { model: string; repeat: number; python: string; trainerDevice: string; poolSlots: number; bucketBytes?: number; slots?: number; timeoutMs: number; verify: boolean },
 ): Promise<PoolBenchResult> {
   const shapes = await loadShapes(o.model);
   const layout = shapes.tensors.map((t) => ({ name: t.name, dtype: t.dtype ?? shapes.dtype, shape: t.shape }));
@@ -65,8 +65,8 @@ export async function poolBench(
   rmSync(socket, { force: true });
   const server = Bun.serve({ unix: socket, fetch: (req) => route(daemon, req), maxRequestBodySize: MAX_LAYOUT_BODY_BYTES });
   try {
-    const pool = (await daemon.createPool({ name: "bench", layout, slots: 2 })) as { bytes: number; tensors: number; hostBytes: number };
-    log.info(`pool of ${layout.length} tensors, 2 slots of ${formatBytes(pool.bytes)} pinned; the trainer builds its state dict on ${o.trainerDevice}`);
+    const pool = (await daemon.createPool({ name: "bench", layout, slots: o.poolSlots })) as { bytes: number; tensors: number; hostBytes: number };
+    log.info(`pool of ${layout.length} tensors, ${o.poolSlots} slot${o.poolSlots === 1 ? "" : "s"} of ${formatBytes(pool.bytes)} pinned; the trainer builds its state dict on ${o.trainerDevice}`);
     const py = pythonPath();
     const proc = Bun.spawn([o.python, "-m", "ce_client.bench", "--socket", socket, "--pool", "bench", "--device", o.trainerDevice, "--repeat", String(o.repeat + 1)], {
       stdin: "ignore",
@@ -84,9 +84,13 @@ export async function poolBench(
       log.info(`${l.version === 1 ? "warm-up" : `push ${l.version - 1}/${o.repeat}`}: push ${formatSeconds(l.push)}, then ${formatSeconds(l.tail)} until every engine serves it: ${formatSeconds(l.total)} end to end`);
     }
     const timed = lines.slice(1);
-    const t0 = performance.now();
-    await daemon.rollback("bench");
-    const rollbackSeconds = (performance.now() - t0) / 1000;
+    // One slot keeps no earlier version: nothing to roll back to.
+    let rollbackSeconds: number | null = null;
+    if (o.poolSlots > 1) {
+      const t0 = performance.now();
+      await daemon.rollback("bench");
+      rollbackSeconds = (performance.now() - t0) / 1000;
+    }
     const last = timed.at(-1)!.reply.update;
     const total = stats(timed.map((l) => l.total));
     await daemon.deletePool("bench");
@@ -124,7 +128,7 @@ export function poolTable(r: PoolBenchResult): string {
     ["end to end", `${s(r.total)} over ${r.repeat}, ${r.gbps.toFixed(1)} GB/s`],
     ["update", `${s(r.update)} (starts with the push)`],
     ["digests", `${s(r.digestSeconds)} of digest ops, while the bytes arrive; verify ${r.verified ? "on" : "off"}`],
-    ["rollback", `${formatSeconds(r.rollbackSeconds)} (the previous version from its resident slot)`],
+    ["rollback", r.rollbackSeconds === null ? "none: a pool of one slot keeps no earlier version" : `${formatSeconds(r.rollbackSeconds)} (the previous version from its resident slot)`],
   ];
   const w = Math.max(...rows.map(([k]) => k.length));
   return `${rows.map(([k, v]) => `${k.padEnd(w)}  ${v}`).join("\n")}\n`;

@@ -65,6 +65,7 @@ export default defineCommand({
       description: "the RL step end to end: a trainer process (Python, torch) pushes the model's state dict into a resident pool, each update streaming behind its push",
       default: false,
     },
+    "pool-slots": { type: "string", description: "with --pool: the pool's version slots (1 fits a model whose two copies do not fit in host memory; no rollback then)", default: "2", valueHint: "K" },
     "trainer-device": { type: "string", description: "with --pool: where the trainer's state dict lives (default: the first GPU, or cpu)", valueHint: "cuda:N|cpu" },
     timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
     ...deviceArgs,
@@ -82,7 +83,9 @@ export default defineCommand({
       try {
         up = await openUpdater(options);
         const trainerDevice = args["trainer-device"] ?? (up.ctx.backend === "cuda" ? `cuda:${up.set.devices[0]!.ordinal}` : "cpu");
-        const result = await poolBench(up, { model: args.model, repeat, python: config.CE_PYTHON, trainerDevice, bucketBytes, slots, timeoutMs, verify: args.verify });
+        const poolSlots = Number(args["pool-slots"]);
+        if (!Number.isSafeInteger(poolSlots) || poolSlots < 1) throw new UsageError(`--pool-slots "${args["pool-slots"]}" is not a positive whole number`);
+        const result = await poolBench(up, { model: args.model, repeat, python: config.CE_PYTHON, trainerDevice, poolSlots, bucketBytes, slots, timeoutMs, verify: args.verify });
         if (args.json) writeJson({ ok: true, ...result });
         else process.stdout.write(poolTable(result));
       } finally {

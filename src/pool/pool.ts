@@ -99,8 +99,10 @@ export class Pool {
     const free = this.slots.findIndex((_, k) => !held.has(k));
     let slot = free;
     if (slot < 0) {
+      // One slot: whoever made the pool chose memory over rollback; the serving version goes too.
+      const keepServing = this.slots.length > 1;
       const evictable = [...this.versions.values()]
-        .filter((v) => v.version !== this.serving && v.state === "ready" && !this.#reading.has(v.slot))
+        .filter((v) => (v.version !== this.serving || !keepServing) && v.state === "ready" && !this.#reading.has(v.slot))
         .sort((a, b) => a.createdAt.localeCompare(b.createdAt) || a.version - b.version);
       if (evictable.length === 0) {
         throw new CeError("E_POOL_FULL", `pool ${this.name}: every one of its ${this.slots.length} slots holds the serving version, a version being written, or one an update reads`, {
@@ -109,7 +111,7 @@ export class Pool {
       }
       const evicted = evictable[0]!;
       this.drop(evicted.version);
-      if (this.previous === evicted.version) this.previous = undefined;
+      if (this.serving === evicted.version) this.serving = undefined;
       log.info(`pool ${this.name}: version ${evicted.version} leaves slot ${evicted.slot} for version ${version}`);
       slot = evicted.slot;
     }
