@@ -19,10 +19,16 @@ are exact (|A_k|, |B_k| < 2^63), and with i = (k*ROWS + r)*COLS + c
     S = sum_k (2*k*ROWS*COLS + 1) * T_k + 2*COLS*A_k + 2*B_k     mod 2^64
 
 is finished in Python integers from the few values per 16 MiB (one device-to-host copy per call
-of tensor_digests, or per collect_digests of many launched batches). A pass over a 64 MiB piece casts it to int64 once (torch's sum(dtype=int64)
-of int32 would make that copy anyway, once per reduction) and reduces the copy twice: about 7x the
-tensor's bytes in memory traffic, and at most ~130 MiB of temporaries beyond the tensor (plus a
-copy of a piece whose bytes do not start 4-aligned, and of a whole non-contiguous tensor).
+of tensor_digests, or per collect_digests of many launched batches). The part of a tensor past its
+last whole chunk (all of a tensor under 16 MiB) is zero-padded to whole rows and reduced together
+with the other such parts of the same row count, so a bucket of thousands of small tensors costs a
+few kernel launches per 64 MiB, not a dozen per tensor.
+
+A pass over a 64 MiB piece casts it to int64 once (torch's sum(dtype=int64) of int32 would make
+that copy anyway, once per reduction) and reduces the copy twice: about 7x the tensor's bytes in
+memory traffic, and at most ~200 MiB of temporaries beyond the tensors (a group's padded copy and
+its cast; plus a copy of a piece whose bytes do not start 4-aligned, and of a whole non-contiguous
+tensor).
 """
 
 from __future__ import annotations
@@ -100,14 +106,46 @@ class Launched:
 
 
 def launch_digests(tensors: Sequence[torch.Tensor]) -> Launched:
-    """Start the digests of `tensors` on their devices' current streams; no host sync."""
-    jobs = [_partials(t) for t in tensors]
+    """Start the digests of `tensors` on their devices' current streams; no host sync.
+
+    Whole 16 MiB chunks are reduced a 64 MiB piece at a time. What is left of each tensor (all of
+    a tensor under 16 MiB) is zero-padded to whole rows and reduced together with the other
+    remainders of its device and row count, up to 64 MiB at a time: a kernel launch per group
+    rather than per tensor, for checkpoints of thousands of small tensors (norms, biases, MoE experts).
+    """
+    chunk_bytes, row_bytes = 4 * CHUNK_WORDS, 4 * COLS
+    parts: List[List[Tuple[int, torch.Tensor]]] = []
+    nbytes: List[int] = []
+    rests: Dict[Tuple[torch.device, int], List[Tuple[int, int, torch.Tensor]]] = {}  # (device, rows) -> (tensor, chunk, bytes)
+    for i, t in enumerate(tensors):
+        b = _as_bytes(t)
+        nbytes.append(b.numel())
+        parts.append(_whole_chunks(b))
+        whole = b.numel() // chunk_bytes
+        rest = b[whole * chunk_bytes:]
+        if rest.numel():
+            rows = -(-rest.numel() // row_bytes)
+            rests.setdefault((b.device, rows), []).append((i, whole, rest))
+    for (device, rows), members in rests.items():
+        padded = rows * row_bytes
+        zeros = torch.zeros(padded, dtype=torch.uint8, device=device)
+        per = max(1, PIECE_CHUNKS * chunk_bytes // padded)
+        for s in range(0, len(members), per):
+            group = members[s:s + per]
+            pieces = []
+            for _, _, rest in group:
+                pieces.append(rest)
+                if rest.numel() < padded:
+                    pieces.append(zeros[:padded - rest.numel()])
+            sums = _chunk_sums(torch.cat(pieces).view(torch.int32).view(len(group), rows, COLS))
+            for j, (i, k0, _) in enumerate(group):
+                parts[i].append((k0, sums[j:j + 1]))
     by_device: Dict[torch.device, List[torch.Tensor]] = {}
-    for _, parts in jobs:
-        for _, p in parts:
+    for ps in parts:
+        for _, p in ps:
             by_device.setdefault(p.device, []).append(p)
-    return Launched(nbytes=[nbytes for nbytes, _ in jobs],
-                    parts=[[(k0, p.device, p.shape[0]) for k0, p in parts] for _, parts in jobs],
+    return Launched(nbytes=nbytes,
+                    parts=[[(k0, p.device, p.shape[0]) for k0, p in ps] for ps in parts],
                     sums={dev: torch.cat(ps) for dev, ps in by_device.items()})
 
 
@@ -172,33 +210,12 @@ def _chunk_sums(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([rho.sum(dim=1), (rho * r).sum(dim=1), (gam * c).sum(dim=1)], dim=1)
 
 
-def _partials(t: torch.Tensor) -> Tuple[int, List[Tuple[int, torch.Tensor]]]:
-    """(L, [(first chunk index, [K, 3] sums on t's device)]) for one tensor."""
-    b = _as_bytes(t)
-    nbytes = b.numel()
-    nwords = nbytes // 4
-    full_chunks = nwords // CHUNK_WORDS
+def _whole_chunks(b: torch.Tensor) -> List[Tuple[int, torch.Tensor]]:
+    """[(first chunk index, [K, 3] sums)] of the whole 16 MiB chunks of b, a 64 MiB piece at a time."""
+    full_chunks = b.numel() // (4 * CHUNK_WORDS)
     parts: List[Tuple[int, torch.Tensor]] = []
     for k0 in range(0, full_chunks, PIECE_CHUNKS):
         k = min(PIECE_CHUNKS, full_chunks - k0)
         x = _words(b, 4 * k0 * CHUNK_WORDS, k * CHUNK_WORDS).view(k, ROWS, COLS)
         parts.append((k0, _chunk_sums(x)))
-    # The last, partial chunk: its whole rows, then its last row (with the byte tail) zero-padded.
-    start_word = full_chunks * CHUNK_WORDS
-    if nbytes > 4 * start_word:
-        whole_rows = (nwords - start_word) // COLS
-        sums = []
-        if whole_rows:
-            x = _words(b, 4 * start_word, whole_rows * COLS).view(1, whole_rows, COLS)
-            sums.append(_chunk_sums(x))
-        rest = b[4 * (start_word + whole_rows * COLS):]
-        if rest.numel():
-            row = torch.zeros(4 * COLS, dtype=torch.uint8, device=b.device)
-            row[:rest.numel()] = rest
-            w = row.view(torch.int32).to(torch.int64)
-            rowsum = w.sum()
-            c = _index(b.device, COLS)
-            # the row sits at row index whole_rows of the chunk
-            sums.append(torch.stack([rowsum, rowsum * whole_rows, (w * c).sum()]).view(1, 3))
-        parts.append((full_chunks, sums[0] if len(sums) == 1 else (sums[0] + sums[1])))
-    return nbytes, parts
+    return parts

@@ -102,6 +102,16 @@ class TensorTest(unittest.TestCase):
         ts.append(torch.randn(3, 5, dtype=torch.float64))
         self.assertEqual(tensor_digests(ts), [tensor_digest(t) for t in ts])
 
+    def test_many_tensors_of_every_size_in_one_call_in_a_small_geometry(self):
+        # Remainders grouped by row count, groups over the piece limit, whole chunks with and without
+        # a remainder, a view not 4-aligned in memory, empties: each digest as the reference says.
+        with mock.patch.multiple(digest, ROWS=4, COLS=8, CHUNK_WORDS=32, PIECE_CHUNKS=2):
+            sizes = [0, 1, 3, 4, 5, 31, 32, 33, 64, 127, 128, 129, 255, 256, 300, 511, 640, 1027] * 3 + [17] * 40
+            datas = [random_bytes(n, 2000 + i) for i, n in enumerate(sizes)]
+            ts = [as_tensor(d) for d in datas]
+            ts[5] = as_tensor(b"x" + datas[5])[1:]
+            self.assertEqual(tensor_digests(ts), [reference_digest(d) for d in datas])
+
     def test_batches_launched_apart_and_collected_together_equal_one_call(self):
         batches = [[as_tensor(random_bytes(n, n)) for n in ns] for ns in ((5, 4096), (), (0, 100_003, 3))]
         want = [tensor_digests(b) for b in batches]
