@@ -74,6 +74,11 @@ export interface PlanInput {
   perRank: TensorRef[][];
   bucketBytes: number;
   align?: number;
+  /**
+   * A rank's last bucket is cut again into buckets of at most this (or its largest tensor): nothing
+   * overlaps the last bucket's reload, so a small last bucket shortens the update's tail.
+   */
+  tailBucketBytes?: number;
 }
 
 export function alignUp(n: number, align: number): number {
@@ -126,7 +131,7 @@ export function spreadOverRanks(tensors: TensorRef[], nranks: number): TensorRef
 }
 
 /** Cuts each rank's tensors into buckets, then interleaves the owners. */
-export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES }: PlanInput): Plan {
+export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES, tailBucketBytes }: PlanInput): Plan {
   checkAlign(align);
   if (!Number.isSafeInteger(bucketBytes) || bucketBytes < 1) {
     throw new InputError("E_PLAN_BUCKET_SIZE", `bucket size ${bucketBytes} is not a positive number of bytes`);
@@ -138,9 +143,6 @@ export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES }: PlanI
   let largestTensorBytes = 0;
 
   const byOwner: Omit<Bucket, "index">[][] = perRank.map((tensors, owner) => {
-    const buckets: Omit<Bucket, "index">[] = [];
-    let current: Omit<Bucket, "index"> | undefined;
-    let cursor = 0;
     for (const t of tensors) {
       if (!isCount(t.nbytes) || !isCount(t.region) || !isCount(t.offset)) {
         throw new InputError(
@@ -160,28 +162,13 @@ export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES }: PlanI
       totalBytes += t.nbytes;
       tensorCount += 1;
       if (t.nbytes > largestTensorBytes) largestTensorBytes = t.nbytes;
-
-      let dst = alignUp(cursor, align);
-      if (current === undefined || dst + t.nbytes > capacity) {
-        current = { owner, bytes: 0, tensors: [], copies: [] };
-        buckets.push(current);
-        dst = 0;
-      }
-      current.tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, offset: dst, nbytes: t.nbytes });
-      cursor = dst + t.nbytes;
-      current.bytes = alignUp(cursor, align);
-      if (t.nbytes === 0) continue;
-      const last = current.copies[current.copies.length - 1];
-      if (
-        last !== undefined &&
-        last.region === t.region &&
-        last.srcOffset + last.bytes === t.offset &&
-        last.dstOffset + last.bytes === dst
-      ) {
-        last.bytes += t.nbytes;
-      } else {
-        current.copies.push({ region: t.region, srcOffset: t.offset, dstOffset: dst, bytes: t.nbytes });
-      }
+    }
+    const buckets = cut(tensors, owner, capacity, align);
+    const last = buckets.at(-1);
+    if (tailBucketBytes !== undefined && last && last.bytes > alignUp(tailBucketBytes, align)) {
+      const tail = tensors.slice(tensors.length - last.tensors.length);
+      const largest = tail.reduce((m, t) => Math.max(m, t.nbytes), 0);
+      buckets.splice(-1, 1, ...cut(tail, owner, alignUp(Math.max(tailBucketBytes, largest), align), align));
     }
     return buckets;
   });
@@ -198,6 +185,37 @@ export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES }: PlanI
     align,
     owners: perRank.length,
   };
+}
+
+/** One rank's tensors, in order, into buckets of at most `capacity` bytes (validated by the caller). */
+function cut(tensors: TensorRef[], owner: number, capacity: number, align: number): Omit<Bucket, "index">[] {
+  const buckets: Omit<Bucket, "index">[] = [];
+  let current: Omit<Bucket, "index"> | undefined;
+  let cursor = 0;
+  for (const t of tensors) {
+    let dst = alignUp(cursor, align);
+    if (current === undefined || dst + t.nbytes > capacity) {
+      current = { owner, bytes: 0, tensors: [], copies: [] };
+      buckets.push(current);
+      dst = 0;
+    }
+    current.tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, offset: dst, nbytes: t.nbytes });
+    cursor = dst + t.nbytes;
+    current.bytes = alignUp(cursor, align);
+    if (t.nbytes === 0) continue;
+    const last = current.copies[current.copies.length - 1];
+    if (
+      last !== undefined &&
+      last.region === t.region &&
+      last.srcOffset + last.bytes === t.offset &&
+      last.dstOffset + last.bytes === dst
+    ) {
+      last.bytes += t.nbytes;
+    } else {
+      current.copies.push({ region: t.region, srcOffset: t.offset, dstOffset: dst, bytes: t.nbytes });
+    }
+  }
+  return buckets;
 }
 
 /**

@@ -194,6 +194,9 @@ export interface UpdatePlan {
   fallbacks: string[];
 }
 
+/** The last bucket of each rank is cut into pieces of a bucket's 1/TAIL_SPLIT. */
+const TAIL_SPLIT = 4;
+
 /** Sizes and plans one update: buffers never outnumber the buckets they would hold. */
 export function planUpdate(input: UpdateSizingInput): UpdatePlan {
   const cpu = input.backend === "cpu";
@@ -211,7 +214,8 @@ export function planUpdate(input: UpdateSizingInput): UpdatePlan {
     defaultSlots: cpu ? CPU_SLOTS : undefined,
   });
   const perRank = input.perRank ?? (input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);
-  const plan = planBuckets({ perRank, bucketBytes: size.bucketBytes });
+  // A quarter-size last bucket: its reload is the update's tail, overlapped by nothing.
+  const plan = planBuckets({ perRank, bucketBytes: size.bucketBytes, tailBucketBytes: Math.ceil(size.bucketBytes / TAIL_SPLIT) });
   const n = Math.max(1, plan.buckets.length);
   return { plan, slots: Math.min(size.slots, n), staging: Math.min(size.staging, n), fallbacks: size.fallbacks };
 }

@@ -180,6 +180,13 @@ describe("planBuckets invariants hold for random tensors, regions and ranks", ()
       checkPlan(s, planBuckets({ perRank: s.perRank, bucketBytes: s.bucketBytes, align: s.align }));
     });
   });
+
+  test("and with the last bucket of each rank cut finer", () => {
+    forSeeds(200, (seed) => {
+      const s = scenario(seed);
+      checkPlan(s, planBuckets({ perRank: s.perRank, bucketBytes: s.bucketBytes, align: s.align, tailBucketBytes: Math.ceil(s.bucketBytes / 4) }));
+    });
+  });
 });
 
 describe("planBuckets cases", () => {
@@ -277,6 +284,17 @@ describe("planBuckets cases", () => {
   test("an owner with twice the buckets appears twice as often, spread over the whole sequence", () => {
     const plan = planBuckets({ perRank: [fileOf(0, Array(8).fill(1024)), fileOf(1, Array(4).fill(1024))], bucketBytes: 1024 });
     expect(plan.buckets.map((b) => b.owner)).toEqual([0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0]);
+  });
+
+  test("the last bucket is cut into tail buckets, each at least its largest tensor; the others keep their size", () => {
+    const tensors = fileOf(0, Array.from({ length: 16 }, () => 64 * 1024), 0);
+    const full = planBuckets({ perRank: [tensors], bucketBytes: 256 * 1024 });
+    expect(full.buckets.map((b) => b.tensors.length)).toEqual([4, 4, 4, 4]);
+    const tail = planBuckets({ perRank: [tensors], bucketBytes: 256 * 1024, tailBucketBytes: 64 * 1024 });
+    expect(tail.buckets.map((b) => b.tensors.length)).toEqual([4, 4, 4, 1, 1, 1, 1]);
+    // A tail size below the largest tensor of the last bucket still fits that tensor.
+    const big = fileOf(0, [200 * 1024, 100 * 1024, 50 * 1024, 10 * 1024], 0);
+    expect(planBuckets({ perRank: [big], bucketBytes: 512 * 1024, tailBucketBytes: 1024 }).buckets.map((b) => b.tensors.length)).toEqual([1, 3]);
   });
 
   test("an empty rank owns no bucket", () => {
