@@ -21,6 +21,7 @@ export const ENV = [
   { name: "CE_TIMEOUT", flag: "--timeout", default: "10m", doc: "deadline for a whole update" },
   { name: "CE_OP_TIMEOUT", default: "60s", doc: "deadline for one worker reply (open, load, release, finish)" },
   { name: "CE_PIN_THREADS", default: "auto", doc: "threads that pin (cuMemHostRegister) or read a checkpoint in parallel (auto: one per core, at most 32)" },
+  { name: "CE_DIGEST_THREADS", default: "auto", doc: "threads that digest a version's tensors while its bytes arrive (auto: as CE_PIN_THREADS)" },
   { name: "CE_SHM_DIR", default: "/dev/shm", doc: "where CPU-backend slot buffers and synthetic checkpoints live" },
   { name: "CE_PYTHON", default: "python3", doc: "Python interpreter for --worker python" },
   { name: "CE_LOG_LEVEL", flag: "--log-level", default: "info", doc: "silent, warn, info, debug or trace" },

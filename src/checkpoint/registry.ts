@@ -43,6 +43,12 @@ export function pinThreads(): number {
   return Number.isSafeInteger(n) && n > 0 ? n : Math.min(32, Math.max(1, availableParallelism()));
 }
 
+/** CE_DIGEST_THREADS, or pinThreads(): digests share the memory bus with the copies they run beside. */
+export function digestThreads(): number {
+  const n = Number(config.CE_DIGEST_THREADS);
+  return Number.isSafeInteger(n) && n > 0 ? n : pinThreads();
+}
+
 /** Pins every file of ckpt; on failure releases what it pinned. */
 export async function register(
   ctx: Ctx,
@@ -85,7 +91,7 @@ export async function register(
     if (failed) throw (failed as PromiseRejectedResult).reason;
     // A file rewritten while it was being read or pinned must not be used.
     await assertUnchanged(ckpt);
-    if (opts.digests) Object.assign(reg, await digestTensors(ctx, reg, totalThreads));
+    if (opts.digests) Object.assign(reg, await digestTensors(ctx, reg, digestThreads()));
   } catch (err) {
     await releaseFiles(ctx, files).catch((releaseErr) => log.warn(errorMessage(releaseErr)));
     if (err instanceof CeError) throw err;
@@ -116,7 +122,7 @@ async function digestTensors(ctx: Ctx, reg: Registration, threads: number): Prom
 
 /** Computes reg's digests if it has none yet (a registration made without them, then asked to verify). */
 export async function ensureDigests(ctx: Ctx, reg: Registration): Promise<Map<string, string>> {
-  if (!reg.digests) Object.assign(reg, await digestTensors(ctx, reg, pinThreads()));
+  if (!reg.digests) Object.assign(reg, await digestTensors(ctx, reg, digestThreads()));
   return reg.digests!;
 }
 

@@ -75,8 +75,8 @@ export interface PlanInput {
   bucketBytes: number;
   align?: number;
   /**
-   * A rank's last bucket is cut again into buckets of at most this (or its largest tensor): nothing
-   * overlaps the last bucket's reload, so a small last bucket shortens the update's tail.
+   * A rank's last bucket's worth of tensors is cut into buckets of at most this (or their largest
+   * tensor): nothing overlaps the last buckets' reloads, so small ones shorten the update's tail.
    */
   tailBucketBytes?: number;
 }
@@ -163,14 +163,13 @@ export function planBuckets({ perRank, bucketBytes, align = ALIGN_BYTES, tailBuc
       tensorCount += 1;
       if (t.nbytes > largestTensorBytes) largestTensorBytes = t.nbytes;
     }
-    const buckets = cut(tensors, owner, capacity, align);
-    const last = buckets.at(-1);
-    if (tailBucketBytes !== undefined && last && last.bytes > alignUp(tailBucketBytes, align)) {
-      const tail = tensors.slice(tensors.length - last.tensors.length);
-      const largest = tail.reduce((m, t) => Math.max(m, t.nbytes), 0);
-      buckets.splice(-1, 1, ...cut(tail, owner, alignUp(Math.max(tailBucketBytes, largest), align), align));
-    }
-    return buckets;
+    if (tailBucketBytes === undefined) return cut(tensors, owner, capacity, align);
+    // The tail: the last tensors that together fill at most one bucket.
+    let start = tensors.length;
+    for (let sum = 0; start > 0 && sum + tensors[start - 1]!.nbytes <= capacity; start--) sum += tensors[start - 1]!.nbytes;
+    const tail = tensors.slice(start);
+    const largest = tail.reduce((m, t) => Math.max(m, t.nbytes), 0);
+    return [...cut(tensors.slice(0, start), owner, capacity, align), ...cut(tail, owner, alignUp(Math.max(tailBucketBytes, largest), align), align)];
   });
 
   const buckets = interleave(byOwner).map((b, index) => ({ index, ...b }));

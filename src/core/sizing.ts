@@ -185,7 +185,15 @@ export interface UpdateSizingInput {
   freeBytes: number;
   bucketBytes?: number;
   slots?: number;
+  /** The source is still arriving (a pool's version being pushed): buckets of at most STREAM_BUCKET_BYTES when sized automatically. */
+  streaming?: boolean;
 }
+
+/**
+ * A streaming update's H2D of a bucket waits for all its bytes, so the update trails the push by a
+ * bucket: smaller buckets follow closer (the writer reports progress every 256 MiB by default).
+ */
+export const STREAM_BUCKET_BYTES = 256 * 1024 ** 2;
 
 export interface UpdatePlan {
   plan: Plan;
@@ -210,7 +218,7 @@ export function planUpdate(input: UpdateSizingInput): UpdatePlan {
     broadcast: input.broadcast,
     bucketBytes: input.bucketBytes,
     slots: input.slots,
-    defaultBucketBytes: cpu ? CPU_BUCKET_BYTES : undefined,
+    defaultBucketBytes: Math.min(cpu ? CPU_BUCKET_BYTES : Infinity, input.streaming ? STREAM_BUCKET_BYTES : Infinity, DEFAULT_BUCKET_BYTES),
     defaultSlots: cpu ? CPU_SLOTS : undefined,
   });
   const perRank = input.perRank ?? (input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);

@@ -158,7 +158,7 @@ export class UpdateSession {
   }
 
   /** Sizes and plans an update of reg on this session's devices. Pure apart from reading free memory. */
-  plan(reg: Registration, req: { bucketBytes?: number; slots?: number }): UpdatePlan {
+  plan(reg: Registration, req: { bucketBytes?: number; slots?: number; source?: StreamingSource }): UpdatePlan {
     const tensors = tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
     return planUpdate({
       backend: this.ctx.backend,
@@ -168,6 +168,7 @@ export class UpdateSession {
       freeBytes: this.freeBytes(),
       bucketBytes: req.bucketBytes,
       slots: req.slots,
+      streaming: req.source !== undefined,
     });
   }
 

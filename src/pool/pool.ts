@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { CeError, InputError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
 import type { Checkpoint } from "../checkpoint/checkpoint";
-import { pinThreads, type Registration } from "../checkpoint/registry";
+import { digestThreads, pinThreads, type Registration } from "../checkpoint/registry";
 import type { TensorMeta } from "../checkpoint/safetensors";
 import { type Ctx, formatDigest } from "../native/ce";
 import { type Layout, type LayoutTensor, layoutDifference, placeLayout } from "./layout";
@@ -344,7 +344,7 @@ export class Pool {
       spans[3 * i + 2] = BigInt(t.nbytes);
     });
     const t0 = performance.now();
-    const done = this.ctx.digest(spans, { threads: pinThreads(), timeoutMs: OP_TIMEOUT_MS }).then((r) => {
+    const done = this.ctx.digest(spans, { threads: digestThreads(), timeoutMs: OP_TIMEOUT_MS }).then((r) => {
       batch.forEach((t, i) => v.digests.set(t.name, formatDigest(r.digests[i]!)));
       v.digestSeconds += (performance.now() - t0) / 1000;
     });

@@ -286,7 +286,7 @@ describe("planBuckets cases", () => {
     expect(plan.buckets.map((b) => b.owner)).toEqual([0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0]);
   });
 
-  test("the last bucket is cut into tail buckets, each at least its largest tensor; the others keep their size", () => {
+  test("the last bucket's worth of tensors is cut into tail buckets, each at least its largest tensor; the others keep their size", () => {
     const tensors = fileOf(0, Array.from({ length: 16 }, () => 64 * 1024), 0);
     const full = planBuckets({ perRank: [tensors], bucketBytes: 256 * 1024 });
     expect(full.buckets.map((b) => b.tensors.length)).toEqual([4, 4, 4, 4]);
@@ -295,6 +295,10 @@ describe("planBuckets cases", () => {
     // A tail size below the largest tensor of the last bucket still fits that tensor.
     const big = fileOf(0, [200 * 1024, 100 * 1024, 50 * 1024, 10 * 1024], 0);
     expect(planBuckets({ perRank: [big], bucketBytes: 512 * 1024, tailBucketBytes: 1024 }).buckets.map((b) => b.tensors.length)).toEqual([1, 3]);
+    // A small last bucket does not hide a full one before it: the tail is a bucket's worth of bytes.
+    const ragged = fileOf(0, [...Array.from({ length: 8 }, () => 64 * 1024), 8 * 1024], 0);
+    expect(planBuckets({ perRank: [ragged], bucketBytes: 256 * 1024 }).buckets.map((b) => b.tensors.length)).toEqual([4, 4, 1]);
+    expect(planBuckets({ perRank: [ragged], bucketBytes: 256 * 1024, tailBucketBytes: 64 * 1024 }).buckets.map((b) => b.tensors.length)).toEqual([4, 1, 1, 1, 1, 1]);
   });
 
   test("an empty rank owns no bucket", () => {
