@@ -53,6 +53,7 @@ export class Pool {
   readonly #pending = new Map<number, Promise<void>[]>();
   readonly #digested = new Map<number, number>(); // version → tensors submitted for digesting
   readonly #waiters = new Map<number, Waiter[]>();
+  readonly #abandoned = new Set<number>();
 
   private constructor(
     private readonly ctx: Ctx,
@@ -186,6 +187,7 @@ export class Pool {
   /** Waits until the writer's bytes reach `upto` (an update streaming behind the push). */
   waitWritten(version: number, upto: number, signal: AbortSignal): Promise<void> {
     const v = this.get(version);
+    if (this.#abandoned.has(version)) return Promise.reject(this.#gone(version));
     if (v.state === "ready" || v.written >= upto) return Promise.resolve();
     return new Promise((resolve, reject) => {
       const w: Waiter = { upto, resolve, reject };
@@ -263,9 +265,14 @@ export class Pool {
 
   /** A writer gave a version up: whatever waits for its bytes (an update streaming behind it) fails now. */
   abandon(version: number): void {
-    const gone = new CeError("E_POOL_VERSION_GONE", `pool ${this.name} version ${version} was given up by its writer before all its bytes arrived`);
-    for (const w of this.#waiters.get(this.get(version).version) ?? []) w.reject(gone);
+    this.get(version);
+    this.#abandoned.add(version); // a wait that starts later fails too
+    for (const w of this.#waiters.get(version) ?? []) w.reject(this.#gone(version));
     this.#waiters.set(version, []);
+  }
+
+  #gone(version: number): CeError {
+    return new CeError("E_POOL_VERSION_GONE", `pool ${this.name} version ${version} was given up by its writer before all its bytes arrived`);
   }
 
   /** Forgets a version; its slot is free. Refused while an update reads it. */
@@ -277,6 +284,7 @@ export class Pool {
     this.#waiters.delete(version);
     this.#pending.delete(version);
     this.#digested.delete(version);
+    this.#abandoned.delete(version);
     if (this.previous === version) this.previous = undefined;
   }
 
