@@ -15,17 +15,8 @@ import type { UpdateSummary } from "../core/update";
 import { pythonPath } from "../engines/workers";
 import { Daemon } from "../serve/daemon";
 import { MAX_LAYOUT_BODY_BYTES, route } from "../serve/routes";
+import { type Stats, stats } from "../bench/stats";
 
-interface Stats {
-  median: number;
-  min: number;
-  max: number;
-}
-
-function stats(xs: number[]): Stats {
-  const s = [...xs].sort((a, b) => a - b);
-  return { median: s[Math.floor((s.length - 1) / 2)]!, min: s[0]!, max: s.at(-1)! };
-}
 
 export interface PoolBenchResult {
   model: string;

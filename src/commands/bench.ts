@@ -14,17 +14,8 @@ import { formatBytes, formatSeconds, gbps } from "../base/units";
 import type { UpdateSummary } from "../core/update";
 import { deviceArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
 import { poolBench, poolTable } from "./_pool-bench";
+import { type Stats, stats } from "../bench/stats";
 
-interface Stats {
-  median: number;
-  min: number;
-  max: number;
-}
-
-function stats(xs: number[]): Stats {
-  const s = [...xs].sort((a, b) => a - b);
-  return { median: s[Math.floor((s.length - 1) / 2)]!, min: s[0]!, max: s.at(-1)! };
-}
 
 export interface BenchResult {
   model: string;
