@@ -213,7 +213,8 @@ for (const { backend, skip, why } of backends) {
           const reg = await register(sctx, await openCheckpoint(big), { name: "big", version: 1 });
           try {
             const s = await session.update({ reg, bucketBytes: 32 * MiB, slots: 3, timeoutMs: 120_000 });
-            expect(s.buckets).toBe(6);
+            // 24 tensors of 8 MiB in 32 MiB buckets: 5 full ones, and the last bucket's worth cut in four.
+            expect(s.buckets).toBe(9);
             const during = (h: [number, number], r: [number, number]) => h[0] < r[1] && h[1] > r[0];
             // On a GPU the copy engine fills bucket i+1 exactly while bucket i is reloaded; on the CPU
             // backend the memcpy outruns the worker, so later buckets' H2D runs during reload i.
