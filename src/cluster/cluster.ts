@@ -13,7 +13,9 @@ import type { UpdateSummary } from "../core/report";
 import type { Plan } from "../core/planner";
 import { type Ctx, ncclLoad } from "../native/ce";
 import { Link, PeerError } from "./link";
-import { type ClusterPlan, type HostPart, planCluster } from "./plan";
+import { type Offer, checkOffers } from "../p2p/layout";
+import type { PullStats } from "../p2p/pull";
+import { type ClusterPlan, type HostPart, hostsOfRanks, planCluster } from "./plan";
 import { Sealer } from "./seal";
 
 const log = logger("cluster");
@@ -46,6 +48,18 @@ export interface Share {
   updateId: string;
 }
 
+/** A P2P update of one host's devices: what every holder offers, and the deadline. */
+export interface PullShare {
+  checkpoint: string;
+  version: number;
+  offers: Offer[];
+  verify?: boolean;
+  timeoutMs: number;
+  updateId: string;
+}
+
+export type HostSummary = Omit<UpdateSummary, "trace"> & { pull?: PullStats };
+
 /** This host, as the cluster sees it: implemented by the daemon. */
 export interface LocalHost {
   backend: Backend;
@@ -55,6 +69,11 @@ export interface LocalHost {
   /** Runs this host's share; the signal aborts it (another host failed). */
   runShare(share: Share, signal: AbortSignal): Promise<Omit<UpdateSummary, "trace">>;
   status(): object;
+  /** What this host holds of checkpoint, lent to the pull updateId for leaseMs; undefined: none of it. */
+  offer(checkpoint: string, lease: { updateId: string; leaseMs: number }, verify: boolean | undefined): Promise<Offer | undefined>;
+  endOffer(updateId: string): void;
+  /** Updates this host's devices alone, reading what it does not hold from the offers' hosts. */
+  runPull(pull: PullShare, signal: AbortSignal): Promise<HostSummary>;
 }
 
 interface HostState {
@@ -78,6 +97,21 @@ export interface ClusterSummary {
   seconds: number;
   gbps: number;
   perHost: ({ host: number } & Omit<UpdateSummary, "trace">)[];
+}
+
+/** A P2P update of some hosts' ranks; the other hosts' engines were not touched. */
+export interface PullSummary {
+  checkpoint: string;
+  version: number;
+  /** the hosts updated, and the hosts read from */
+  hosts: number[];
+  sources: number[];
+  ranks: number[];
+  bytes: number;
+  tensors: number;
+  seconds: number;
+  gbps: number;
+  perHost: ({ host: number } & HostSummary)[];
 }
 
 export class Cluster {
@@ -164,7 +198,12 @@ export class Cluster {
       return { body: { nnodes: this.#opts.nnodes } };
     });
     this.#link.on("ping", async () => ({}));
-    this.#link.on("update", async (b) => ({ body: { summary: await this.update(String(b.checkpoint), Number(b.timeoutMs)) } }));
+    this.#link.on("update", async (b) => {
+      const ranks = b.ranks as number[] | undefined;
+      const verify = b.verify as boolean | undefined;
+      const summary = ranks ? await this.pull(String(b.checkpoint), ranks, Number(b.timeoutMs), verify) : await this.update(String(b.checkpoint), Number(b.timeoutMs));
+      return { body: { summary } };
+    });
     this.#link.on("status", async () => ({ body: (await this.status()) as Record<string, unknown> }));
   }
 
@@ -200,6 +239,83 @@ export class Cluster {
       return await this.#update(checkpoint, timeoutMs);
     } finally {
       this.#busy = false;
+    }
+  }
+
+  /**
+   * A P2P update of the hosts whose devices are `ranks` (host 0 runs it; other hosts forward here):
+   * each reads the version from the hosts that hold it, while every other host serves untouched (no
+   * collective, no pause). Not exclusive of other pulls: each host runs one update at a time.
+   */
+  async pull(checkpoint: string, ranks: number[], timeoutMs: number, verify?: boolean): Promise<PullSummary> {
+    if (this.rank !== 0) {
+      const r = await this.#link.request(0, "update", { checkpoint, timeoutMs, ranks, verify }, { timeoutMs: timeoutMs + 30_000 });
+      return r.body.summary as PullSummary;
+    }
+    const t0 = performance.now();
+    const hosts = this.#upHosts();
+    const targets = hostsOfRanks(hosts, ranks);
+    const updateId = `${this.#inc}-${++this.#updates}`;
+    const lease = { updateId, leaseMs: timeoutMs + 30_000 };
+    const offered = await Promise.all(
+      hosts.map(async (h) => {
+        try {
+          if (h.rank === 0) return await this.#local.offer(checkpoint, lease, verify);
+          const r = await this.#link.request(h.rank, "offer", { checkpoint, verify, ...lease }, { timeoutMs: 60_000 });
+          return (r.body.offer ?? undefined) as Offer | undefined;
+        } catch (err) {
+          throw hostError(h.rank, err);
+        }
+      }),
+    );
+    const offers = offered.filter((o): o is Offer => o !== undefined);
+    const sources = offers.map((o) => o.host);
+    // Awaited before the reply, so a source's checkpoint can be released as soon as the pull is done.
+    const endOffers = () =>
+      Promise.allSettled(
+        sources.map(async (h) => {
+          if (h === 0) this.#local.endOffer(updateId);
+          else await this.#link.request(h, "offer-end", { updateId }, { timeoutMs: 5_000 });
+        }),
+      );
+    // A source or puller that goes silent (stopped, not dead: a dead source fails its reads at once)
+    // ends the pull within three heartbeats rather than at the read deadline.
+    const stop = new AbortController();
+    const watched = hosts.filter((h) => sources.includes(h.rank) || targets.includes(h.rank));
+    const watch = setInterval(() => {
+      for (const h of watched) {
+        const quiet = performance.now() - h.lastSeenMs;
+        if (quiet > 3 * this.#opts.heartbeatMs && !stop.signal.aborted) stop.abort(new CeError("E_CLUSTER_HOST_MISSING", `host ${h.rank} stopped answering ${(quiet / 1000).toFixed(1)} s ago`));
+      }
+    }, this.#opts.heartbeatMs);
+    stop.signal.addEventListener("abort", () => {
+      for (const t of targets) {
+        if (t !== 0) void this.#link.request(t, "abort", { updateId, reason: errorMessage(stop.signal.reason) }, { timeoutMs: 5_000 }).catch(() => undefined);
+      }
+    }, { once: true });
+    try {
+      checkOffers(checkpoint, offers);
+      const share: PullShare = { checkpoint, version: offers[0]!.version, offers, verify, timeoutMs, updateId };
+      const results = await Promise.allSettled(
+        targets.map(async (host) => {
+          try {
+            if (host === 0) return { host, ...(await this.#local.runPull(share, stop.signal)) };
+            const r = await this.#link.request(host, "pull", share as unknown as Record<string, unknown>, { timeoutMs: timeoutMs + 30_000, signal: stop.signal });
+            return { host, ...(r.body.summary as HostSummary) };
+          } catch (err) {
+            throw hostError(host, err);
+          }
+        }),
+      );
+      const failures = results.flatMap((r) => (r.status === "rejected" ? [r.reason as unknown] : []));
+      if (failures.length > 0) throw rootCause(failures);
+      const perHost = results.map((r) => (r as PromiseFulfilledResult<{ host: number } & HostSummary>).value);
+      const seconds = (performance.now() - t0) / 1000;
+      const bytes = perHost[0]!.bytes;
+      return { checkpoint, version: share.version, hosts: targets, sources, ranks, bytes, tensors: perHost[0]!.tensors, seconds, gbps: (bytes * targets.length) / seconds / 1e9, perHost };
+    } finally {
+      clearInterval(watch);
+      await endOffers();
     }
   }
 
@@ -347,6 +463,23 @@ export class Cluster {
       return {};
     });
     this.#link.on("status-local", async () => ({ body: this.#local.status() as Record<string, unknown> }));
+    this.#link.on("offer", async (b) => {
+      const offer = await this.#local.offer(String(b.checkpoint), { updateId: String(b.updateId), leaseMs: Number(b.leaseMs) }, b.verify as boolean | undefined);
+      return { body: { offer: offer ?? null } };
+    });
+    this.#link.on("offer-end", async (b) => {
+      this.#local.endOffer(String(b.updateId));
+      return {};
+    });
+    this.#link.on("pull", async (b) => {
+      const pull = b as unknown as PullShare;
+      const stop = this.#shareControl(pull.updateId);
+      try {
+        return { body: { summary: await this.#local.runPull(pull, stop.signal) } };
+      } finally {
+        this.#shares.delete(pull.updateId);
+      }
+    });
     // Hello until host 0 answers, then a heartbeat; a silent host 0 aborts the share running here.
     const hello = async () => {
       try {

@@ -74,3 +74,33 @@ export function planCluster(input: {
   });
   return { ...planned, files, nranks };
 }
+
+/**
+ * The hosts whose devices are exactly `ranks` (global ranks: each host's devices follow the previous
+ * host's, in host order). A P2P update moves whole hosts (a new instance's GPUs): a rank list that
+ * splits a host, or names no host, is an error that says which ranks each host has.
+ */
+export function hostsOfRanks(hosts: { rank: number; ndev: number }[], ranks: number[]): number[] {
+  const wanted = new Set(ranks);
+  const sorted = [...hosts].sort((a, b) => a.rank - b.rank);
+  const spans = sorted.map((h, i) => {
+    const first = sorted.slice(0, i).reduce((s, x) => s + x.ndev, 0);
+    return { host: h.rank, ranks: Array.from({ length: h.ndev }, (_, k) => first + k) };
+  });
+  const known = new Set(spans.flatMap((s) => s.ranks));
+  const unknown = ranks.filter((r) => !known.has(r));
+  const of = (s: { ranks: number[] }) => (s.ranks.length === 1 ? `rank ${s.ranks[0]}` : `ranks ${s.ranks[0]}..${s.ranks.at(-1)}`);
+  const say = spans.map((s) => `host ${s.host} has ${of(s)}`).join(", ");
+  if (ranks.length === 0 || unknown.length > 0) {
+    const what = ranks.length === 0 ? "ranks [] name no device" : unknown.length === 1 ? `rank ${unknown[0]} is not in this cluster` : `ranks ${unknown.join(", ")} are not in this cluster`;
+    throw new InputError("E_RANKS", `${what}: ${say}`);
+  }
+  const out: number[] = [];
+  for (const s of spans) {
+    const n = s.ranks.filter((r) => wanted.has(r)).length;
+    if (n === 0) continue;
+    if (n < s.ranks.length) throw new InputError("E_RANKS", `ranks must name whole hosts: host ${s.host} has ${of(s)}, ${n} of them named (${say})`);
+    out.push(s.host);
+  }
+  return out;
+}

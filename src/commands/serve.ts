@@ -16,7 +16,7 @@ export default defineCommand({
   meta: {
     name: "serve",
     description:
-      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update, GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME, pools (POST /v1/pools, POST /v1/pools/NAME/versions, …/versions/N/written, …/versions/N/publish, POST /v1/pools/NAME/rollback, GET and DELETE /v1/pools/NAME), GET /v1/healthz, GET /metrics",
+      "run the per-host daemon: checkpoints stay pinned and the session warm between updates; HTTP API: POST /v1/checkpoints, POST /v1/update ({checkpoint} updates every host of a cluster; {checkpoint, ranks: [...]} updates only those global ranks, whole hosts such as a new instance's, which read the version by P2P (UCX) from the hosts that hold it while every other host serves untouched), GET /v1/status, GET /v1/checkpoints, DELETE /v1/checkpoints/NAME, pools (POST /v1/pools, POST /v1/pools/NAME/versions, …/versions/N/written, …/versions/N/publish, POST /v1/pools/NAME/rollback, GET and DELETE /v1/pools/NAME), GET /v1/healthz, GET /metrics",
   },
   args: {
     port: { type: "string", description: "HTTP port for the control API (0: any free port, printed at start)", default: "8711", valueHint: "PORT" },

@@ -41,10 +41,10 @@ export interface SessionOptions {
   verify?: boolean;
 }
 
-/** A version whose bytes are still arriving (a pool's slot being pushed): the update streams behind it. */
+/** A version whose bytes are still arriving (a pool's slot being pushed, a P2P pull): the update streams behind it. */
 export interface StreamingSource {
-  /** resolves once bytes [0, end) of the source region are in place */
-  ready(end: number, signal: AbortSignal): Promise<void>;
+  /** resolves once bytes [start, end) of the source region are in place (a source filled front to back may wait for [0, end)) */
+  ready(end: number, signal: AbortSignal, start: number): Promise<void>;
   /** every tensor's digest, once all arrived */
   digests(): Promise<Map<string, string>>;
 }
@@ -323,7 +323,8 @@ export class UpdateSession {
         fail,
         t0: t.start,
         onProgress: run.onProgress,
-        sourceReady: run.source && ((b, signal) => run.source!.ready(Math.max(...b.copies.map((c) => c.srcOffset + c.bytes)), signal)),
+        sourceReady:
+          run.source && ((b, signal) => run.source!.ready(Math.max(...b.copies.map((c) => c.srcOffset + c.bytes)), signal, Math.min(...b.copies.map((c) => c.srcOffset)))),
       });
       if (stop.signal.aborted) throw cause;
       t.data = performance.now();

@@ -22,8 +22,11 @@ export const UpdateBody = v.pipe(
     verify: v.optional(v.boolean()),
     /** of a pool: after a failed update, put every engine back on the version it served */
     rollback: v.optional(v.boolean()),
+    /** of a cluster's checkpoint: only these global ranks (whole hosts) update, reading it by P2P from the hosts that hold it */
+    ranks: v.optional(v.pipe(v.array(count), v.minLength(1, "at least one rank"))),
   }),
   v.check((b) => (b.checkpoint === undefined) !== (b.pool === undefined), 'give exactly one of "checkpoint" and "pool"'),
+  v.check((b) => b.ranks === undefined || b.checkpoint !== undefined, '"ranks" goes with "checkpoint"'),
 );
 
 const layoutTensor = v.object({ name: v.pipe(v.string(), v.minLength(1, "a tensor name")), dtype: v.string(), shape: v.array(count) });

@@ -3,10 +3,13 @@
 // costs. One update at a time. routes.ts maps HTTP onto it.
 import { openCheckpoint } from "../checkpoint/checkpoint";
 import { CeError, InputError, errorMessage } from "../base/errors";
-import type { Cluster, ClusterSummary, LocalHost, Share } from "../cluster/cluster";
+import type { Cluster, ClusterSummary, HostSummary, LocalHost, PullShare, PullSummary, Share } from "../cluster/cluster";
 import type { HostPart } from "../cluster/plan";
 import { logger } from "../base/log";
-import { type Registration, register, unregister } from "../checkpoint/registry";
+import { type Registration, ensureDigests, register, unregister } from "../checkpoint/registry";
+import type { Offer } from "../p2p/layout";
+import { Pull } from "../p2p/pull";
+import { Lender } from "../p2p/source";
 import type { Updater } from "../app/updater";
 import { config } from "../base/config";
 import { Pool } from "../pool/pool";
@@ -49,6 +52,8 @@ export class Daemon {
   #last: Summary | undefined;
 
   #cluster: Cluster | undefined;
+  /** this host's transfer endpoint and the checkpoints it lends to pulls: made at the first pull */
+  #lender: Lender | undefined;
 
   constructor(
     private readonly up: Updater,
@@ -66,6 +71,9 @@ export class Daemon {
       describe: (checkpoint) => this.#describePart(checkpoint),
       runShare: (share, signal) => this.#runShare(share, signal),
       status: () => this.#localStatus(),
+      offer: (checkpoint, lease, verify) => this.#offer(checkpoint, lease, verify),
+      endOffer: (updateId) => this.#lender?.endLease(updateId),
+      runPull: (pull, signal) => this.#runPull(pull, signal),
     };
   }
 
@@ -105,18 +113,26 @@ export class Daemon {
   async unregister(name: string): Promise<object> {
     const reg = this.#get(name);
     if (this.#running?.checkpoint === name) throw busy(this.#running.checkpoint);
+    // Deregistered from the transfer endpoint first (refused while a host pulls it).
+    this.#lender?.withdraw(reg);
     this.#regs.delete(name);
     return { name, releaseSeconds: await unregister(this.up.ctx, reg) };
   }
 
   /** One update: of this host, or (in a cluster) of every host, from whichever host was asked. */
-  async update(body: unknown): Promise<Summary | ClusterSummary> {
-    const { checkpoint: named, pool: poolName, version, verify, rollback } = parseBody(UpdateBody, body);
+  async update(body: unknown): Promise<Summary | ClusterSummary | PullSummary> {
+    const { checkpoint: named, pool: poolName, version, verify, rollback, ranks } = parseBody(UpdateBody, body);
     if (poolName !== undefined) {
       const pool = this.#pool(poolName);
       return this.#updatePool(pool, version ?? pool.latest().version, { verify, rollback });
     }
     const checkpoint = named!;
+    if (ranks) {
+      if (!this.#cluster) throw new InputError("E_RANKS", "ranks name devices of a cluster's hosts, and this ce serve is not in a cluster", { hint: "update without ranks" });
+      const s = await this.#cluster.pull(checkpoint, ranks, this.opts.timeoutMs, verify);
+      log.info(`updated ${checkpoint}@${s.version} on host ${s.hosts.join(", ")} from host ${s.sources.join(", ")}: ${s.seconds.toFixed(3)} s`);
+      return s;
+    }
     if (this.#cluster) {
       const s = await this.#cluster.update(checkpoint, this.opts.timeoutMs);
       log.info(`updated ${checkpoint}@${s.version} on ${s.hosts} hosts (${s.ranks} ranks): ${s.seconds.toFixed(3)} s, ${s.gbps.toFixed(1)} GB/s`);
@@ -386,6 +402,45 @@ export class Daemon {
     );
   }
 
+  /** What this host lends of checkpoint to a pull: its regions registered for remote reads (once per registration). */
+  async #offer(checkpoint: string, lease: { updateId: string; leaseMs: number }, verify: boolean | undefined): Promise<Offer | undefined> {
+    const reg = this.#regs.get(checkpoint);
+    if (!reg) return undefined;
+    const digests = (verify ?? this.opts.verify) ? await ensureDigests(this.up.ctx, reg) : undefined;
+    this.#lender ??= new Lender(this.up.ctx);
+    return this.#lender.offer(this.#cluster?.rank ?? 0, reg, lease, digests);
+  }
+
+  /**
+   * A P2P update of this host's devices: a host that holds the whole version updates from its own
+   * regions; any other reads it from the offers' hosts into staging, the update following the reads.
+   */
+  #runPull(p: PullShare, signal: AbortSignal): Promise<HostSummary> {
+    const me = this.#cluster?.rank ?? 0;
+    const own = this.#regs.get(p.checkpoint);
+    const plan = { bucketBytes: this.opts.bucketBytes, slots: this.opts.slots, verify: p.verify, timeoutMs: p.timeoutMs };
+    const abort = () => this.up.session.abortRunning(signal.reason);
+    signal.addEventListener("abort", abort, { once: true });
+    const done = () => signal.removeEventListener("abort", abort);
+    if (p.offers.length === 1 && p.offers[0]!.host === me && own?.version === p.version) {
+      return this.#track(p.checkpoint, (onProgress) => this.up.session.update({ ...plan, reg: own, onProgress })).finally(done);
+    }
+    return this.#track(p.checkpoint, async (onProgress) => {
+      const pull = await Pull.open(this.up.ctx, (this.#lender ??= new Lender(this.up.ctx)).endpoint(), p);
+      const stop = () => pull.abort(signal.reason);
+      signal.addEventListener("abort", stop, { once: true });
+      try {
+        if (signal.aborted) throw signal.reason;
+        pull.start(this.up.session.plan(pull.reg, { ...plan, source: pull.source }).plan);
+        const summary = await this.up.session.update({ ...plan, reg: pull.reg, source: pull.source, onProgress });
+        return Object.assign(summary, { pull: pull.stats() });
+      } finally {
+        signal.removeEventListener("abort", stop);
+        await pull.close();
+      }
+    }).finally(done);
+  }
+
   /** Prometheus text: the counters, and the state as it is now. */
   async metricsText(): Promise<string> {
     const stats = this.up.ctx.stats();
@@ -426,6 +481,8 @@ export class Daemon {
   /** Releases every registration, then the session and the context. */
   async close(): Promise<void> {
     this.#cluster?.close();
+    // The endpoint first: its registrations hold the regions released below.
+    this.#lender?.close();
     for (const reg of this.#regs.values()) await unregister(this.up.ctx, reg).catch((err) => log.warn(errorMessage(err)));
     this.#regs.clear();
     await Promise.allSettled(this.#streaming.values());

@@ -3,23 +3,12 @@
 // split over the hosts, the host-to-host broadcast over libce's TCP communicator. Every wait has a
 // deadline.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import type { Subprocess } from "bun";
 import { readFileSync, readdirSync } from "node:fs";
-import { tmpdir } from "node:os";
 import parsePrometheusTextFormat from "parse-prometheus-text-format";
 import { Sealer } from "../../src/cluster/seal";
 import { defaultContext } from "../../src/transport/zmq";
+import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
 import { CLI, type TestCheckpoint, processGone, shmBuffersOf, smallCheckpoint, within } from "../helpers/update";
-
-const SECRET = "cluster-test-secret-0123456789";
-
-interface Host {
-  rank: number;
-  proc: Subprocess<"ignore", "pipe", "pipe">;
-  url: string;
-  cluster: string;
-  stderr: string[];
-}
 
 /** Pids whose parent is pid (from /proc: no procps needed). */
 function childrenOf(pid: number): number[] {
@@ -37,38 +26,6 @@ function childrenOf(pid: number): number[] {
     .map(Number);
 }
 
-async function startHost(rank: number, devices: number, masterPort: number): Promise<Host> {
-  const proc = Bun.spawn(
-    [process.execPath, CLI, "serve", "--port", "0", "--device", "cpu", "--devices", String(devices), "--root", tmpdir(), "--json",
-      "--nnodes", "3", "--node-rank", String(rank), "--master-addr", "127.0.0.1", "--master-port", String(masterPort)],
-    { stdin: "ignore", stdout: "pipe", stderr: "pipe", env: { ...process.env, CE_CLUSTER_SECRET: SECRET, CE_HEARTBEAT: "500ms", CE_OP_TIMEOUT: "20s" } },
-  );
-  const stderr: string[] = [];
-  void (async () => {
-    for await (const chunk of proc.stderr) stderr.push(new TextDecoder().decode(chunk));
-  })();
-  const reader = proc.stdout.getReader();
-  const first = await within(30_000, `host ${rank} to listen`, reader.read());
-  reader.releaseLock();
-  const line = JSON.parse(new TextDecoder().decode(first.value ?? new Uint8Array())) as { listening: string; cluster: string };
-  return { rank, proc, url: line.listening, cluster: line.cluster, stderr };
-}
-
-async function call(h: Host, method: string, path: string, body?: unknown, ms = 60_000): Promise<{ status: number; json: Record<string, any> }> {
-  const res = await within(ms, `${method} ${path} on host ${h.rank}`, fetch(`${h.url}${path}`, { method, body: body === undefined ? undefined : JSON.stringify(body) }));
-  return { status: res.status, json: (await res.json()) as Record<string, any> };
-}
-
-async function untilWhole(h0: Host, ms = 30_000): Promise<void> {
-  const deadline = performance.now() + ms;
-  for (;;) {
-    const st = await call(h0, "GET", "/v1/status");
-    if (st.json.cluster?.hostsUp === 3) return;
-    if (performance.now() > deadline) throw new Error(`the cluster did not come together: ${JSON.stringify(st.json)}`);
-    await Bun.sleep(100);
-  }
-}
-
 /** Registers file i of the checkpoint on host i (as a trainer's ranks each write their shard). */
 async function registerSplit(hosts: Host[], name: string, ck: TestCheckpoint, version = 1): Promise<void> {
   const rs = await Promise.all(hosts.map((h) => call(h, "POST", "/v1/checkpoints", { name, path: ck.ckpt.files[h.rank]!.path, version })));
@@ -82,10 +39,10 @@ describe("a cluster of three ce serve processes", () => {
 
   beforeAll(async () => {
     [a, b] = await Promise.all([smallCheckpoint({ files: 3, tensorsPerFile: 30, seed: 41 }), smallCheckpoint({ files: 3, tensorsPerFile: 30, seed: 42 })]);
-    const h0 = await startHost(0, 2, 0);
-    const port = Number(new URL(h0.cluster.replace("tcp://", "http://")).port);
-    hosts = [h0, ...(await Promise.all([startHost(1, 1, port), startHost(2, 1, port)]))];
-    await untilWhole(h0);
+    const h0 = await startHost(0, 2, 0, { nnodes: 3 });
+    const port = masterPort(h0);
+    hosts = [h0, ...(await Promise.all([startHost(1, 1, port, { nnodes: 3 }), startHost(2, 1, port, { nnodes: 3 })]))];
+    await untilWhole(h0, 3);
   }, 90_000);
 
   afterAll(async () => {
@@ -228,9 +185,9 @@ describe("a cluster of three ce serve processes", () => {
         expect(down.json).toMatchObject({ ok: false, error: { code: "E_CLUSTER_HOST_MISSING" } });
         expect(down.json.error.message).toContain("host 2");
 
-        const port = Number(new URL(hosts[0]!.cluster.replace("tcp://", "http://")).port);
-        hosts[2] = await startHost(2, 1, port);
-        await untilWhole(hosts[0]!);
+        const port = masterPort(hosts[0]!);
+        hosts[2] = await startHost(2, 1, port, { nnodes: 3 });
+        await untilWhole(hosts[0]!, 3);
         await registerSplit([hosts[2]!], "big", big);
         await registerSplit([hosts[2]!], "policy", a, 3);
         const again = await call(hosts[2]!, "POST", "/v1/update", { checkpoint: "big" });
