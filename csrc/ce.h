@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10300
+#define CE_ABI_VERSION 10400
 
 /* Status codes. */
 #define CE_OK 0
@@ -210,6 +210,31 @@ CE_API int ce_buf_digest_submit(ce_ctx_t *ctx, ce_buf_t *buf, const uint64_t *sp
  * CE_E_INVAL (op not collected) when len is too small. Never blocks. (ce_op_poll collects a
  * digest op too, discarding its digests.) */
 CE_API int ce_digest_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *digests, uint64_t len);
+
+/* ---- deltas (DESIGN.md "Delta updates") ----
+ * An element is 1, 2, 4 or 8 bytes; it changed when any of its bytes differ. A patch is `count`
+ * positions (little-endian int32 element indices into the flattened tensor, ascending) and `count`
+ * values (the new elements, in the same order): the load "patch" form of worker-protocol.json. */
+
+/* Counts, per tensor, the elements that differ between two versions in host memory: spans holds
+ * (old_region, old_offset, new_region, new_offset, bytes, elem_bytes) sextuples, one tensor each.
+ * Runs on up to `threads` threads (16 MiB pieces). Async: collect with ce_delta_collect. */
+CE_API int ce_delta_count_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t *op_out);
+/* Writes each tensor's patch into a writable region: spans holds (old_region, old_offset,
+ * new_region, new_offset, bytes, elem_bytes, out_region, positions_offset, values_offset, count)
+ * tuples of ten, count being what ce_delta_count found. The op fails CE_E_STATE when a tensor's
+ * count differs (its bytes changed meanwhile); a tensor of more than 2^31 elements is CE_E_INVAL.
+ * Async, as above; collect with ce_delta_collect (the counts found) or ce_op_poll. */
+CE_API int ce_delta_encode_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t *op_out);
+/* ce_op_poll for a delta op that also copies its nspans counts into counts (room for len) once
+ * done. CE_E_INVAL (op not collected) when len is too small. Never blocks. */
+CE_API int ce_delta_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *counts, uint64_t len);
+/* Applies patches held in buffer src into buffer dst, both host memory (CPU backend; a GPU buffer
+ * is CE_E_STATE: libce has no GPU scatter): patches holds (dst_offset, dst_bytes, positions_offset,
+ * values_offset, count, elem_bytes) sextuples. A position past its tensor fails the op (CE_E_INVAL,
+ * naming patch and entry) with that patch partly applied. On up to `threads` threads. Async. */
+CE_API int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *patches, uint64_t npatches,
+                               int threads, uint64_t *op_out);
 
 /* ---- communicators ---- */
 

@@ -8,7 +8,7 @@ with its own.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,12 +25,17 @@ class Held:
     def __init__(self) -> None:
         self.checkpoint: Optional[str] = None
         self.version: Optional[int] = None
+        self.names: FrozenSet[str] = frozenset()  # the tensors of that version the engine holds
 
-    def finished(self, checkpoint: str, version: int) -> None:
-        self.checkpoint, self.version = checkpoint, version
+    def finished(self, checkpoint: str, version: int, names: Iterable[str] = ()) -> None:
+        self.checkpoint, self.version, self.names = checkpoint, version, frozenset(names)
+
+    def holds(self, checkpoint: str, version: Optional[int]) -> bool:
+        return self.checkpoint is not None and self.checkpoint == checkpoint and self.version == version
 
     def clear(self) -> None:
         self.checkpoint = self.version = None
+        self.names = frozenset()
 
     def fields(self) -> dict:
         """The open reply's fields: {"checkpoint", "version"}, or none when nothing is known."""
@@ -66,6 +71,12 @@ class Digests:
             self.where[name] = (len(self.batches), i)
         if launched is not None:
             self.batches.append(launched)
+
+    def also(self, names: Iterable[str]) -> None:
+        """Tensors held but not loaded this update (a delta's unchanged ones): digested from params too."""
+        assert self.params is not None, "only the engine's own tensors can be digested without a load"
+        for name in names:
+            self.where.setdefault(name, (-1, -1))
 
     def collect(self) -> Dict[str, str]:
         """{tensor name: 16 hex digits} for every tensor loaded; syncs with the devices once."""

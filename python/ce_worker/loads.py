@@ -81,6 +81,48 @@ def copy_bucket(params: Mapping[str, torch.Tensor], weights: Sequence[Tuple[str,
                 dst.copy_(src)
 
 
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def apply_patches(params: Mapping[str, torch.Tensor], buffer: torch.Tensor,
+                  patches: Sequence[protocol.PatchMeta]) -> None:
+    """Apply a delta update's sparse patches from ce's buffer (uint8) into named tensors.
+
+    Elements are written through integer views of their size, as bits: a float's NaN payload
+    survives (the reason copy_bucket copies bytes). Positions are checked against the tensor first:
+    an index out of range on a GPU is a device-side assert that takes the process down.
+    """
+    size = buffer.numel()
+    with torch.no_grad():
+        for p in patches:
+            try:
+                dt = dtypes.lookup(p.dtype)
+                if dt.bits not in (8, 16, 32, 64):
+                    raise ValueError(f"{p.dtype} has no patch form (its elements are not 1, 2, 4 or 8 bytes)")
+                es = dt.bits // 8
+                dst = params.get(p.name)
+                if dst is None:
+                    raise KeyError(p.name)
+                want = dt.nbytes(p.shape)
+                if dst.numel() * dst.element_size() != want or not dst.is_contiguous():
+                    raise ValueError(f"a patch of {p.dtype} {list(p.shape)} ({want} bytes) does not fit the parameter "
+                                     f"({dst.dtype} {list(dst.shape)})")
+                for what, at, n in (("positions", p.positions_offset, 4 * p.count), ("values", p.values_offset, es * p.count)):
+                    if at + n > size:
+                        raise ValueError(f"{what} [{at}, {at + n}) lie outside the {size}-byte buffer")
+                if p.count == 0:
+                    continue
+                pos = buffer[p.positions_offset:p.positions_offset + 4 * p.count].view(torch.int32).long()
+                vals = buffer[p.values_offset:p.values_offset + es * p.count].view(_INTS[es])
+                flat = dst.reshape(-1).view(torch.uint8).view(_INTS[es])
+                lo, hi = int(pos.min()), int(pos.max())
+                if lo < 0 or hi >= flat.numel():
+                    raise IndexError(f"positions reach {lo if lo < 0 else hi}, the tensor has {flat.numel()} elements")
+                flat.index_copy_(0, pos, vals)
+            except Exception as e:
+                raise tag(e, p.name)
+
+
 class ModuleLoader:
     """A load_fn for a plain module whose parameter and buffer names match the checkpoint's; verify
     digests its params, the module's own tensors."""

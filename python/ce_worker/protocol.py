@@ -11,8 +11,9 @@ checks that the two are equal and runs every frame case of the file through pars
 
 Protocol 2 adds the kept mapping (the file's comment has the rules): open may name its buffer with
 "buffer_id", release may say "keep", and a worker of protocol 2 accepts opens of protocol 1 and 2.
-It also adds verify by digest (open's "verify": true; finish replies with "digests") and the reply
-to open saying what the engine holds ("checkpoint" and "version" of the last finished update).
+It also adds verify by digest (open's "verify": true; finish replies with "digests"), the reply
+to open saying what the engine holds ("checkpoint" and "version" of the last finished update), and
+delta updates: open's "delta_from", load's patch form (PatchMeta), the open reply's "delta": true.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
+class PatchMeta:
+    """A delta update's sparse patch of a tensor: `count` little-endian int32 element indices into
+    the flattened tensor at positions_offset, and `count` elements of its dtype (the new values) at
+    values_offset; offsets from the start of the buffer."""
+    name: str
+    dtype: str
+    shape: Tuple[int, ...]
+    positions_offset: int
+    values_offset: int
+    count: int
+
+
+@dataclass(frozen=True)
 class Open:
     checkpoint: str
     version: int
@@ -58,6 +72,7 @@ class Open:
     protocol: int = OLDEST_PROTOCOL
     buffer_id: Optional[str] = None  # names this allocation of the buffer: a worker may keep its mapping
     verify: bool = False  # finish must reply with the digest of every tensor loaded since this open
+    delta_from: Optional[int] = None  # a delta against this version: patches may come, digests cover every tensor held
     op = "open"
 
 
@@ -65,7 +80,7 @@ class Open:
 class Load:
     bucket: int
     slot: int
-    tensors: Tuple[TensorMeta, ...]
+    tensors: Tuple[Union[TensorMeta, PatchMeta], ...]
     op = "load"
 
 
@@ -189,6 +204,7 @@ def _parse_open(obj: dict, extra: list) -> Open:
         protocol=protocol,
         buffer_id=buffer_id,
         verify=_bool(obj, "verify"),
+        delta_from=_opt_int(obj, "delta_from"),
     )
 
 
@@ -206,6 +222,19 @@ def _parse_load(obj: dict, extra: list) -> Load:
             shape = t.get("shape")
             if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
                 raise ProtocolError("field shape must be a list of non-negative integers")
+            if "count" in t:
+                patch = PatchMeta(
+                    name=_str(t, "name"), dtype=_str(t, "dtype"), shape=tuple(shape),
+                    positions_offset=_int(t, "positions_offset"), values_offset=_int(t, "values_offset"),
+                    count=_int(t, "count"),
+                )
+                elements = 1
+                for d in shape:
+                    elements *= d
+                if patch.count > elements:
+                    raise ProtocolError(f"count {patch.count} exceeds the tensor's {elements} elements")
+                metas.append(patch)
+                continue
             metas.append(TensorMeta(
                 name=_str(t, "name"), dtype=_str(t, "dtype"), shape=tuple(shape),
                 offset=_int(t, "offset"), nbytes=_int(t, "nbytes"),

@@ -17,6 +17,11 @@ closed at exit.
 Protocol 2 also has the reply to open say what the engine holds (held.Held: the last update that
 finished), and an open with "verify": true get the digests of what it loaded in the reply to finish
 (held.Digests). update_weights_from_ipc keeps its Held per device in the process too.
+
+Delta updates: a Receiver with `params` (the engine's tensors under the checkpoint's names) answers
+an open with "delta_from" with "delta": true and applies patches into them (loads.apply_patches); after a delta, finish's
+digests cover every tensor held, the unchanged ones too. Without params (vLLM, whose loader fuses
+and transforms weights) it does not announce delta, and ce sends it every tensor whole.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ from . import protocol
 from .cuda_ipc import Mapping as BufferMapping
 from .cuda_ipc import map_buffer
 from .held import Digests, Held
-from .loads import ModuleLoader, Weights, format_error, tensor_views
-from .protocol import Abort, Finish, Load, Open, ProtocolError, Release
+from .loads import ModuleLoader, Weights, apply_patches, format_error, tensor_views
+from .protocol import Abort, Finish, Load, Open, PatchMeta, ProtocolError, Release, TensorMeta
 from .transport import Socket, connect_rep
 
 log = logging.getLogger("ce_worker")
@@ -227,6 +232,8 @@ class Receiver:
         self.undo_error = ""  # abort_hook's failure, if it failed
         self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
+        self.loaded: set = set()  # names loaded this session
+        self.base_names: Optional[frozenset] = None  # a delta's base: the tensors held at open, when it matches
 
     def handle(self, frames: Sequence[bytes]) -> bytes:
         """The reply to one request. Errors become {"ok":false}; a failed op keeps the state."""
@@ -258,6 +265,11 @@ class Receiver:
         self.mapping = mapping
         self.opened = req
         self.digests = Digests(self.params) if req.verify else None
+        # Patches apply only onto the version they were computed from; ce checks the reply, this
+        # refuses them at load as well should one come anyway.
+        delta_ok = req.delta_from is not None and self.params is not None and self.held.holds(req.checkpoint, req.delta_from)
+        self.base_names = self.held.names if delta_ok else None
+        self.loaded = set()
         self.reason = self.undo_error = ""
         self.buckets = self.tensors = self.bytes = 0
         self.started = time.monotonic()
@@ -271,25 +283,38 @@ class Receiver:
             fields.update(buffer_id=req.buffer_id, kept=kept)
         if req.verify:
             fields["verify"] = True
+        if req.delta_from is not None and self.params is not None:
+            fields["delta"] = True
         return {"protocol": protocol.PROTOCOL_VERSION, **fields} if fields else {}
 
     def _load(self, req: Load) -> None:
         assert self.opened is not None and self.mapping is not None  # guaranteed by the state
         if req.slot >= self.opened.slots:
             raise ValueError(f"slot {req.slot} is out of range (the buffer has {self.opened.slots} slots)")
-        weights = tensor_views(self.mapping.tensor, req.tensors)
+        dense = [t for t in req.tensors if isinstance(t, TensorMeta)]
+        patches = [t for t in req.tensors if isinstance(t, PatchMeta)]
+        if patches and self.base_names is None:
+            raise ValueError(f"a patch of tensor {patches[0].name}, but this update is no delta onto the version "
+                             f"this worker holds ({self.held.checkpoint}@{self.held.version})")
+        weights = tensor_views(self.mapping.tensor, dense)
         try:
             launched = self.digests.launch(weights) if self.digests is not None else None
             self.held.clear()  # from here on the weights may be partly new until finish
-            self.load_fn(weights)
+            if weights:
+                self.load_fn(weights)
+            if patches:
+                apply_patches(self.params, self.mapping.tensor, patches)
             _synchronize(self.device)  # the copies, and the digests launched, are done: the slot is ce's again
             if self.digests is not None:
                 self.digests.loaded(weights, launched)
+                if patches:
+                    self.digests.also(p.name for p in patches)
         finally:
             weights.clear()  # the views must not outlive the load: release unmaps the buffer
+        self.loaded.update(t.name for t in req.tensors)
         self.buckets += 1
         self.tensors += len(req.tensors)
-        self.bytes += sum(t.nbytes for t in req.tensors)
+        self.bytes += sum(t.nbytes for t in dense) + sum(4 * p.count for p in patches)
         log.debug("loaded bucket %d (slot %d): %d tensors", req.bucket, req.slot, len(req.tensors))
 
     def _release(self, req: Release) -> None:
@@ -298,15 +323,18 @@ class Receiver:
 
     def _finish(self, req: Finish) -> dict:
         # Digests first: post-load processing may change what the engine holds (a params digest
-        # is of the tensors as loaded, which is what ce sent).
+        # is of the tensors as loaded, which is what ce sent). After a delta they cover every tensor held.
+        if self.digests is not None and self.base_names is not None:
+            self.digests.also(self.base_names)
         digests = self.digests.collect() if self.digests is not None else None
+        names = self.loaded | (self.base_names or frozenset())
         self.held.clear()  # the engine's post-load processing changes weights too
         fields = dict(self.post_hook(self.opened) or {}) if self.post_hook is not None else {}
         if digests is not None:
             fields["digests"] = digests
         log.info("finished %s@%d: %d buckets, %d tensors, %d bytes in %.2f s", self.opened.checkpoint,
                  self.opened.version, self.buckets, self.tensors, self.bytes, time.monotonic() - self.started)
-        self.held.finished(self.opened.checkpoint, self.opened.version)
+        self.held.finished(self.opened.checkpoint, self.opened.version, names)
         self.digests = None
         self.ended = "finished"
         return fields

@@ -50,6 +50,12 @@ export const DTYPE_BYTES: Readonly<Record<string, number>> = Object.freeze(
   ),
 );
 
+/** Bytes per element where a patch can name single elements (1, 2, 4 or 8); undefined for sub-byte and odd sizes. */
+export function elementBytes(dtype: string): number | undefined {
+  const bits = DTYPE_BITS[dtype];
+  return bits === 8 || bits === 16 || bits === 32 || bits === 64 ? bits / 8 : undefined;
+}
+
 export interface TensorMeta {
   name: string;
   dtype: string;

@@ -145,11 +145,16 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
       const h = await Promise.all(h2dOps.map((op) => p.ops.wait(op, `H2D of ${label}`, p.timeoutMs, signal)));
       const bc = bcastOp === undefined ? undefined : await p.ops.wait(bcastOp, `broadcast of ${label}`, p.timeoutMs, signal);
       await prev;
-      const tensors = b.tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, offset: slotOffset + t.offset, nbytes: t.nbytes }));
+      const tensors = b.tensors.filter((t) => !t.patch).map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, offset: slotOffset + t.offset, nbytes: t.nbytes }));
+      const patches = b.tensors.flatMap((t) =>
+        t.patch
+          ? [{ name: t.name, dtype: t.dtype, shape: t.shape, positionsOffset: slotOffset + t.offset, valuesOffset: slotOffset + t.offset + t.patch.valuesOffset, count: t.patch.count }]
+          : [],
+      );
       const reload = await Promise.all(
         devices.map(async (d) => {
           const sent = performance.now();
-          await p.channel.load(d, { bucket: b.index, slot, tensors }, label, signal);
+          await p.channel.load(d, { bucket: b.index, slot, tensors, ...(patches.length ? { patches } : {}) }, label, signal);
           return [since(sent), since(performance.now())] as [number, number];
         }),
       );

@@ -27,6 +27,14 @@ export interface TensorRef {
   region: number;
   /** Byte offset of its data inside that region. */
   offset: number;
+  /** Set: the bytes are a sparse patch of the tensor (a delta update), nbytes of them. */
+  patch?: PatchForm;
+}
+
+/** A patch's shape in its bytes: `count` int32 positions at the start, the values at valuesOffset. */
+export interface PatchForm {
+  count: number;
+  valuesOffset: number;
 }
 
 export interface BucketTensor {
@@ -36,6 +44,7 @@ export interface BucketTensor {
   /** Within the bucket; a multiple of the plan's align. */
   offset: number;
   nbytes: number;
+  patch?: PatchForm;
 }
 
 export interface Copy {
@@ -198,7 +207,7 @@ function cut(tensors: TensorRef[], owner: number, capacity: number, align: numbe
       buckets.push(current);
       dst = 0;
     }
-    current.tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, offset: dst, nbytes: t.nbytes });
+    current.tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, offset: dst, nbytes: t.nbytes, ...(t.patch ? { patch: t.patch } : {}) });
     cursor = dst + t.nbytes;
     current.bytes = alignUp(cursor, align);
     if (t.nbytes === 0) continue;

@@ -4,6 +4,25 @@ import { writeFileSync } from "node:fs";
 import { formatBytes, formatRate, formatSeconds, gbps } from "../base/units";
 import type { BucketTrace } from "./pipeline";
 
+/** What a delta update left out and how it chose (pool/delta.ts); `bytes` of the summary is what it moved. */
+export interface DeltaSummary {
+  /** the version it was computed against */
+  base: number;
+  tensors: number;
+  same: number;
+  sparse: number;
+  dense: number;
+  changedElements: number;
+  /** what the update moves: dense tensors plus patches */
+  bytes: number;
+  /** what a full update moves: the dense floor a delta is measured against */
+  fullBytes: number;
+  compareSeconds: number;
+  /** one version's bytes compared per second (both versions are read) */
+  compareGbps: number;
+  encodeSeconds: number;
+}
+
 export interface UpdateSummary {
   checkpoint: string;
   version: number;
@@ -31,6 +50,8 @@ export interface UpdateSummary {
   /** Tensors whose digests every worker reported equal to the version's; null: not verified. */
   verified: number | null;
   deviceBytes: number;
+  /** set: a delta update against delta.base; absent: every tensor went whole */
+  delta?: DeltaSummary;
   trace: BucketTrace[];
 }
 
@@ -79,6 +100,11 @@ export function summaryLines(s: UpdateSummary): string[] {
     `  stage busy time: H2D ${formatSeconds(s.stages.h2d)}${s.mode === "broadcast" ? `, broadcast ${formatSeconds(s.stages.bcast)}` : ""}, reload ${formatSeconds(s.stages.reload)}`,
     `  registration: ${formatSeconds(s.registerSeconds)} (${s.inPlace ? "pinned in place" : "read into pinned memory"})`,
     `  verify: ${s.verified === null ? "off" : `every worker's digests of ${s.verified} tensors equal the version's`}`,
+    ...(s.delta
+      ? [
+          `  delta from version ${s.delta.base}: ${s.delta.same} tensors unchanged, ${s.delta.sparse} sparse, ${s.delta.dense} dense; ${formatBytes(s.delta.bytes)} of ${formatBytes(s.delta.fullBytes)}; compared at ${s.delta.compareGbps.toFixed(1)} GB/s in ${formatSeconds(s.delta.compareSeconds)}, patches encoded in ${formatSeconds(s.delta.encodeSeconds)}`,
+        ]
+      : []),
     ...s.fallbacks.map((f) => `  fallback: ${f}`),
   ];
 }

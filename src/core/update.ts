@@ -15,9 +15,10 @@ import { SlotBuffers } from "./buffers";
 import { WorkerChannel } from "./channel";
 import { type CommSpec, Communicators } from "./comm";
 import type { Device } from "./devices";
+import { deltaRefusal } from "./delta-base";
 import { PendingOps, type Progress, runPipeline } from "./pipeline";
-import { type Plan, tensorRefs } from "./planner";
-import { type PhaseMarks, type UpdateSummary, buildSummary } from "./report";
+import { type Plan, type TensorRef, tensorRefs } from "./planner";
+import { type DeltaSummary, type PhaseMarks, type UpdateSummary, buildSummary } from "./report";
 import { type UpdatePlan, planUpdate } from "./sizing";
 import { checkDigests } from "./verify";
 import { EngineWatch, aborted } from "./watch";
@@ -49,8 +50,25 @@ export interface StreamingSource {
   digests(): Promise<Map<string, string>>;
 }
 
+/**
+ * A delta against the version the engines hold (pool/delta.ts computes it): its tensors (dense ones
+ * and patches, with real region ids) are sent instead of the registration's. Every worker's reply to
+ * open must announce "delta" and report `base`; otherwise the update fails before anything is sent
+ * (the workers are aborted, nothing else is undone) with E_DELTA_UNSUPPORTED (a worker applies no
+ * patches) or E_DELTA_BASE (a worker holds another version), and the caller updates in full.
+ */
+export interface DeltaRequest {
+  base: number;
+  tensors: TensorRef[];
+  /** every tensor of the version: what the workers' digests must cover */
+  names: string[];
+  stats: DeltaSummary;
+}
+
 export interface UpdateRequest {
   reg: Registration;
+  /** set: send this delta; the update always verifies, so the engines' weights are known to equal the version */
+  delta?: DeltaRequest;
   /** set: the registration's bytes are still arriving; H2D of each bucket waits for its bytes */
   source?: StreamingSource;
   bucketBytes?: number;
@@ -88,6 +106,7 @@ interface Run extends Omit<ShareRequest, "comm" | "digests"> {
   /** set: ask every worker for digests and compare them with these (known once the source is complete) */
   expected: (() => Promise<Map<string, string>>) | undefined;
   source?: StreamingSource;
+  delta?: DeltaRequest;
   broadcast: boolean;
   comm: (signal: AbortSignal) => Promise<void>;
   t0: number;
@@ -158,8 +177,8 @@ export class UpdateSession {
   }
 
   /** Sizes and plans an update of reg on this session's devices. Pure apart from reading free memory. */
-  plan(reg: Registration, req: { bucketBytes?: number; slots?: number; source?: StreamingSource }): UpdatePlan {
-    const tensors = tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
+  plan(reg: Registration, req: { bucketBytes?: number; slots?: number; source?: StreamingSource; delta?: DeltaRequest }): UpdatePlan {
+    const tensors = req.delta?.tensors ?? tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
     return planUpdate({
       backend: this.ctx.backend,
       tensors,
@@ -180,7 +199,7 @@ export class UpdateSession {
       if (!req.reg.owned) await assertUnchanged(req.reg.ckpt);
       const { plan, slots, staging, fallbacks } = this.plan(req.reg, req);
       let expected: Run["expected"];
-      if (this.#verifies(req.verify)) {
+      if (req.delta || this.#verifies(req.verify)) {
         const source = req.source;
         if (source) expected = () => source.digests();
         else {
@@ -273,6 +292,8 @@ export class UpdateSession {
 
     let trace;
     let verified: number | null = null;
+    /** set: a delta refused at open; nothing was sent, so aborting the workers is all the undoing there is */
+    let refused: CeError | undefined;
     try {
       if (stop.signal.aborted) throw cause;
       if (run.broadcast) await run.comm(stop.signal);
@@ -280,7 +301,7 @@ export class UpdateSession {
       engineCall.catch(fail);
       // The first buckets' H2D runs while the workers map the buffer: opening a CUDA IPC handle takes
       // milliseconds that would otherwise sit before the data path. Loads wait for it.
-      const opened = this.#channel
+      const replies = this.#channel
         .open(
           (d) => ({
             checkpoint: reg.name,
@@ -295,19 +316,31 @@ export class UpdateSession {
             handle: bufs.handles[d],
             bufferId: bufs.ids[d],
             verify: run.expected !== undefined,
+            deltaFrom: run.delta?.base,
             files: run.files,
             buckets: plan.buckets.length,
-            tensors: plan.tensorCount,
-            bytes: plan.totalBytes,
+            // A delta's workers end up holding the whole version: they size and lay out for that.
+            tensors: run.delta ? reg.ckpt.tensors.length : plan.tensorCount,
+            bytes: run.delta ? reg.ckpt.totalBytes : plan.totalBytes,
           }),
           stop.signal,
-        )
-        .then(() => {
+        );
+      const opened = replies.then(() => {
           t.opened = performance.now();
           // Every worker now maps this update's buffers, none an earlier size's: those may go.
           this.#buffers.freeRetired();
         });
       opened.catch(fail);
+      // A delta waits for the open replies before anything moves: only workers that hold its base may get it.
+      if (run.delta) {
+        const no = deltaRefusal({ replies: await replies, checkpoint: reg.name, base: run.delta.base, worker: (d) => `worker on ${this.deviceLabel(d)}` });
+        if (no !== undefined) {
+          refused = new CeError(no.code, `${reg.name} version ${reg.version} cannot go as a delta from version ${run.delta.base}: ${no.why}`, {
+            hint: "update in full (ce does so by itself for pool updates)",
+          });
+          throw refused;
+        }
+      }
       trace = await runPipeline({
         ctx,
         plan,
@@ -335,7 +368,7 @@ export class UpdateSession {
         verified = checkDigests({
           replies: finished,
           expected: await run.expected(),
-          sent: plan.buckets.flatMap((b) => b.tensors.map((x) => x.name)),
+          sent: run.delta?.names ?? plan.buckets.flatMap((b) => b.tensors.map((x) => x.name)),
           checkpoint: reg.name,
           version: reg.version,
           worker: (d) => `worker on ${this.deviceLabel(d)}`,
@@ -345,6 +378,11 @@ export class UpdateSession {
       await Promise.race([engineCall, aborted(stop.signal)]);
     } catch (err) {
       fail(err);
+      if (cause === refused) {
+        // Every worker answered open and got nothing since: they keep their weights and what they hold.
+        await this.#channel.abort(errorMessage(cause));
+        throw cause;
+      }
       try {
         await this.#recover(ops, errorMessage(cause));
       } catch (recoverErr) {
@@ -379,6 +417,7 @@ export class UpdateSession {
         inPlace: reg.inPlace,
         verified,
         deviceBytes: this.heldBytes(),
+        ...(run.delta ? { delta: run.delta.stats } : {}),
       },
       t,
       trace,

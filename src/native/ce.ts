@@ -78,6 +78,14 @@ export interface DigestResult {
   endMs: number;
 }
 
+/** What a delta op found: changed elements per tensor. */
+export interface DeltaResult {
+  counts: number[];
+  /** in ms since the context's clock reset */
+  startMs: number;
+  endMs: number;
+}
+
 export interface DigestOptions {
   /** threads that digest (default 1); a span is cut into 16 MiB pieces shared among them */
   threads?: number;
@@ -255,6 +263,56 @@ export class Ctx {
     const n = spans.length / 2;
     const what = `digesting ${n} spans of a buffer on ${this.deviceName(buf.dev)}`;
     return pollUntil(() => this.digestCollect(op, n, what), { timeoutMs: opts.timeoutMs, what, signal: opts.signal });
+  }
+
+  /**
+   * Changed elements per tensor between two versions in host memory: spans holds (oldRegion,
+   * oldOffset, newRegion, newOffset, bytes, elemBytes) sextuples. On threads; the event loop stays free.
+   */
+  deltaCount(spans: BigUint64Array, opts: { threads: number; timeoutMs: number; signal?: AbortSignal }): Promise<DeltaResult> {
+    return this.#delta(spans, 6, opts, "ce_delta_count_submit", "comparing");
+  }
+
+  /**
+   * Writes each tensor's patch (int32 positions, then values) into a writable region: spans holds
+   * (oldRegion, oldOffset, newRegion, newOffset, bytes, elemBytes, outRegion, positionsOffset,
+   * valuesOffset, count) tuples, count as deltaCount found it.
+   */
+  deltaEncode(spans: BigUint64Array, opts: { threads: number; timeoutMs: number; signal?: AbortSignal }): Promise<DeltaResult> {
+    return this.#delta(spans, 10, opts, "ce_delta_encode_submit", "encoding patches of");
+  }
+
+  #delta(
+    spans: BigUint64Array,
+    stride: number,
+    opts: { threads: number; timeoutMs: number; signal?: AbortSignal },
+    symbol: "ce_delta_count_submit" | "ce_delta_encode_submit",
+    verb: string,
+  ): Promise<DeltaResult> {
+    const op = new BigUint64Array(1);
+    const n = spanCount(spans, stride);
+    const what = `${verb} ${n} tensors of two versions`;
+    check(libce()[symbol](this.handle, n ? spans : null, n, opts.threads, op), what);
+    const collect = (): DeltaResult | undefined => {
+      const times = new Float64Array(2);
+      const out = new BigUint64Array(Math.max(1, n));
+      const status = libce().ce_delta_collect(this.handle, op[0]!, times, out, n);
+      if (status === CE_INPROGRESS) return undefined;
+      check(status, what);
+      return { counts: Array.from(out.subarray(0, n), (c) => u64(c, "count")), startMs: times[0]!, endMs: times[1]! };
+    };
+    return pollUntil(collect, { timeoutMs: opts.timeoutMs, what, signal: opts.signal });
+  }
+
+  /**
+   * Applies patches held in src into dst, both CPU-backend buffers: patches holds (dstOffset,
+   * dstBytes, positionsOffset, valuesOffset, count, elemBytes) sextuples. Async.
+   */
+  bufPatch(dst: Buf, src: Buf, patches: BigUint64Array, threads: number): OpId {
+    const op = new BigUint64Array(1);
+    const n = spanCount(patches, 6);
+    check(libce().ce_buf_patch_submit(this.handle, dst.handle, src.handle, n ? patches : null, n, threads, op), `applying ${n} patches on ${this.deviceName(dst.dev)}`);
+    return op[0]!;
   }
 
   /**

@@ -8,7 +8,7 @@ import { config } from "../base/config";
 import { NativeError } from "../base/errors";
 
 /** csrc/ce.h CE_ABI_VERSION this build of ce is written against. */
-export const ABI_VERSION = 10300;
+export const ABI_VERSION = 10400;
 
 export const CE_OK = 0;
 export const CE_INPROGRESS = 1;
@@ -89,6 +89,15 @@ const symbols = {
   ce_buf_digest_submit: { args: ["ptr", "ptr", "ptr", "u64", "i32", "u64", "ptr"], returns: "i32" },
   // int ce_digest_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *digests, uint64_t len);
   ce_digest_collect: { args: ["ptr", "u64", "ptr", "ptr", "u64"], returns: "i32" },
+  // int ce_delta_count_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t *op_out);
+  ce_delta_count_submit: { args: ["ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
+  // int ce_delta_encode_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t *op_out);
+  ce_delta_encode_submit: { args: ["ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
+  // int ce_delta_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *counts, uint64_t len);
+  ce_delta_collect: { args: ["ptr", "u64", "ptr", "ptr", "u64"], returns: "i32" },
+  // int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *patches, uint64_t npatches,
+  //                         int threads, uint64_t *op_out);
+  ce_buf_patch_submit: { args: ["ptr", "ptr", "ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
   // int ce_comm_unique_id(ce_ctx_t *ctx, const char *endpoint, uint8_t *id, uint64_t len);
   ce_comm_unique_id: { args: ["ptr", "ptr", "ptr", "u64"], returns: "i32" },
   // int ce_comm_init(ce_ctx_t *ctx, const uint8_t *id, uint64_t id_len, int nranks, int first_rank, int timeout_ms,

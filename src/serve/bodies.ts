@@ -22,6 +22,8 @@ export const UpdateBody = v.pipe(
     verify: v.optional(v.boolean()),
     /** of a pool: after a failed update, put every engine back on the version it served */
     rollback: v.optional(v.boolean()),
+    /** of a pool: false sends every tensor whole (default: a delta from the serving version while it is resident) */
+    delta: v.optional(v.boolean()),
     /** of a cluster's checkpoint: only these global ranks (whole hosts) update, reading it by P2P from the hosts that hold it */
     ranks: v.optional(v.pipe(v.array(count), v.minLength(1, "at least one rank"))),
   }),
@@ -53,7 +55,7 @@ export const VersionBody = v.object({
 
 export const WrittenBody = v.object({ bytes: count });
 
-export const PublishBody = v.object({ update: v.optional(v.boolean(), false), verify: v.optional(v.boolean()) });
+export const PublishBody = v.object({ update: v.optional(v.boolean(), false), verify: v.optional(v.boolean()), delta: v.optional(v.boolean()) });
 
 /** The parsed body, or an InputError E_BAD_REQUEST naming each field that is wrong. */
 export function parseBody<S extends v.GenericSchema>(schema: S, body: unknown): v.InferOutput<S> {

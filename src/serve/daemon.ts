@@ -16,6 +16,7 @@ import { Pool } from "../pool/pool";
 import { PoolBody, PublishBody, RegisterBody, UpdateBody, VersionBody, WrittenBody, parseBody } from "./bodies";
 import { Metrics } from "./metrics";
 import { checkUnderRoots } from "./roots";
+import { type Delta, computeDelta } from "../core/delta";
 import type { UpdateSummary } from "../core/update";
 
 const log = logger("serve");
@@ -48,6 +49,8 @@ export class Daemon {
   readonly #creatingPools = new Set<string>();
   /** Updates started with a version's push (begin with update): publish returns their summary. */
   readonly #streaming = new Map<string, Promise<Summary>>();
+  /** Set once the engine's workers said they apply no patches: pool updates then go whole without trying. */
+  #deltaUnsupported = false;
   #running: { checkpoint: string; startedMs: number; progress?: Progress } | undefined;
   #last: Summary | undefined;
 
@@ -121,10 +124,10 @@ export class Daemon {
 
   /** One update: of this host, or (in a cluster) of every host, from whichever host was asked. */
   async update(body: unknown): Promise<Summary | ClusterSummary | PullSummary> {
-    const { checkpoint: named, pool: poolName, version, verify, rollback, ranks } = parseBody(UpdateBody, body);
+    const { checkpoint: named, pool: poolName, version, verify, rollback, delta, ranks } = parseBody(UpdateBody, body);
     if (poolName !== undefined) {
       const pool = this.#pool(poolName);
-      return this.#updatePool(pool, version ?? pool.latest().version, { verify, rollback });
+      return this.#updatePool(pool, version ?? pool.latest().version, { verify, rollback, delta });
     }
     const checkpoint = named!;
     if (ranks) {
@@ -219,7 +222,7 @@ export class Daemon {
 
   /** Digests complete, the version is ready; with update (or an update streaming since begin), the engines get it. */
   async publishVersion(name: string, version: number, body: unknown): Promise<object> {
-    const { update, verify } = parseBody(PublishBody, body);
+    const { update, verify, delta } = parseBody(PublishBody, body);
     const pool = this.#pool(name);
     const t0 = performance.now();
     const v = await pool.publish(version);
@@ -234,7 +237,7 @@ export class Daemon {
       }
     }
     if (!update) return out;
-    return { ...out, update: await this.#updatePool(pool, version, { verify }) };
+    return { ...out, update: await this.#updatePool(pool, version, { verify, delta }) };
   }
 
   /** Every engine back on the version served before the current one, from its resident slot: no registration. */
@@ -281,13 +284,19 @@ export class Daemon {
   async #updatePool(
     pool: Pool,
     version: number,
-    o: { verify?: boolean; rollback?: boolean; source?: { ready(end: number, signal: AbortSignal): Promise<void>; digests(): Promise<Map<string, string>> } },
+    o: {
+      verify?: boolean;
+      rollback?: boolean;
+      /** false: every tensor whole */
+      delta?: boolean;
+      source?: { ready(end: number, signal: AbortSignal): Promise<void>; digests(): Promise<Map<string, string>> };
+    },
   ): Promise<Summary> {
     this.#hostOnly("pool updates");
     const done = pool.reading(version);
     try {
-      const summary = await this.#track(`${pool.name}@${version}`, (onProgress) =>
-        this.up.session.update({
+      const summary = await this.#track(`${pool.name}@${version}`, async (onProgress) => {
+        const req = {
           reg: pool.registration(version),
           source: o.source,
           verify: o.verify,
@@ -295,10 +304,32 @@ export class Daemon {
           slots: this.opts.slots,
           timeoutMs: this.opts.timeoutMs,
           onProgress,
-        }),
-      );
+        };
+        const base = o.delta === false || o.source || this.#deltaUnsupported ? undefined : deltaBase(pool, version);
+        if (base === undefined) return this.up.session.update(req);
+        // The base's slot stays as it is until the update is done: the patches were computed from it.
+        const doneBase = pool.reading(base);
+        let delta: Delta | undefined;
+        try {
+          const region = (v: number) => pool.slots[pool.get(v).slot]!.region;
+          delta = await computeDelta(this.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version) });
+          return await this.up.session.update({ ...req, delta });
+        } catch (err) {
+          // A full update is always correct (and verified like the delta would be): the delta only saves bytes.
+          if (!(err instanceof CeError && ["E_DELTA_BASE", "E_DELTA_UNSUPPORTED", "E_DELTA"].includes(err.code))) throw err;
+          // Engines whose workers apply no patches (vLLM's) get full updates from now on, without a compare each time.
+          if (err.code === "E_DELTA_UNSUPPORTED") this.#deltaUnsupported = true;
+          (err.code === "E_DELTA" ? log.warn : log.info)(`${errorMessage(err)}: updating ${pool.name}@${version} in full${this.#deltaUnsupported ? ", and every later pool update too" : ""}`);
+          return this.up.session.update(req);
+        } finally {
+          await delta?.release().catch((err) => log.warn(errorMessage(err)));
+          doneBase();
+        }
+      });
       pool.served(version);
-      log.info(`updated ${pool.name}@${version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s`);
+      const d = summary.delta;
+      const how = d ? ` (delta from ${d.base}: ${d.bytes} of ${d.fullBytes} bytes; ${d.same} unchanged, ${d.sparse} sparse, ${d.dense} dense; compared at ${d.compareGbps.toFixed(1)} GB/s)` : "";
+      log.info(`updated ${pool.name}@${version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s${how}`);
       return summary;
     } catch (err) {
       const back = pool.serving;
@@ -516,6 +547,13 @@ function describe(reg: Registration): object {
     registerSeconds: reg.registerSeconds,
     inPlace: reg.inPlace,
   };
+}
+
+/** The version a delta of `version` starts from: the one the engines are served, while it is resident and published. */
+function deltaBase(pool: Pool, version: number): number | undefined {
+  const base = pool.serving;
+  if (base === undefined || base === version) return undefined;
+  return pool.versions.get(base)?.state === "ready" && pool.versions.get(version)?.state === "ready" ? base : undefined;
 }
 
 function busy(checkpoint: string): CeError {

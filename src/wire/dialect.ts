@@ -16,6 +16,17 @@ export interface SlotTensor {
   nbytes: number;
 }
 
+/** A tensor's sparse patch in the buffer (a delta update; worker-protocol.json has the form). */
+export interface SlotPatch {
+  name: string;
+  dtype: string;
+  shape: number[];
+  /** bytes from the start of the buffer: count int32 positions, and count values */
+  positionsOffset: number;
+  valuesOffset: number;
+  count: number;
+}
+
 /** What a worker needs to map this update's buffer on its device. */
 export interface OpenInfo {
   checkpoint: string;
@@ -35,6 +46,8 @@ export interface OpenInfo {
   bufferId?: string;
   /** ask the worker for the digest of every tensor it loaded, in its reply to finish */
   verify?: boolean;
+  /** a delta against this version of the checkpoint: only for workers that announced "delta" and hold it */
+  deltaFrom?: number;
   /** extras for progress */
   files: string[];
   buckets: number;
@@ -46,6 +59,8 @@ export interface LoadInfo {
   bucket: number;
   slot: number;
   tensors: SlotTensor[];
+  /** patches of a delta update; only a dialect whose workers announce "delta" gets any */
+  patches?: SlotPatch[];
 }
 
 /** A worker's answer to one step: ok, or the worker's own words for what went wrong. */

@@ -20,6 +20,26 @@ export interface WireTensor {
   nbytes: number;
 }
 
+/**
+ * Version 2, delta updates: a tensor's sparse patch in the buffer. positions_offset: `count`
+ * little-endian int32 element indices into the flattened tensor, ascending; values_offset: `count`
+ * elements of the tensor's dtype, the new values at those positions (offsets from the buffer's start).
+ */
+export interface WirePatch {
+  name: string;
+  dtype: string;
+  shape: number[];
+  positions_offset: number;
+  values_offset: number;
+  count: number;
+}
+
+export type LoadTensor = WireTensor | WirePatch;
+
+export function isPatch(t: LoadTensor): t is WirePatch {
+  return "count" in t;
+}
+
 export interface OpenRequest {
   op: "open";
   protocol: number;
@@ -37,6 +57,10 @@ export interface OpenRequest {
   /** Version 2: the reply to finish must carry "digests", {tensor: 16 hex digits} of every tensor
    *  loaded since this open, computed from what the worker loaded (docs/digest.md). */
   verify?: boolean;
+  /** Version 2: this update is a delta against version delta_from of the same checkpoint (sent only
+   *  to a worker that announced "delta": true and holds that version): loads may carry patches, and
+   *  finish's digests cover every tensor of the checkpoint the worker holds, not only those loaded. */
+  delta_from?: number;
   /** Extras (protocol 1 ignores unknown fields): the checkpoint's files, and the update's size, for
    *  progress and preallocation. */
   files?: string[];
@@ -49,7 +73,7 @@ export interface LoadRequest {
   op: "load";
   bucket: number;
   slot: number;
-  tensors: WireTensor[];
+  tensors: LoadTensor[];
 }
 
 export type Request =
@@ -116,12 +140,26 @@ function need<T>(obj: Record<string, unknown>, key: string, kind: "string" | "nu
   return v as T;
 }
 
-function parseTensor(t: unknown, i: number): WireTensor {
+function parseTensor(t: unknown, i: number): LoadTensor {
   if (typeof t !== "object" || t === null) throw new InputError("E_PROTOCOL", `load: tensor ${i} is not an object`);
   const o = t as Record<string, unknown>;
   const shape = o.shape;
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
     throw new InputError("E_PROTOCOL", `load: tensor ${i} has a bad shape`);
+  }
+  if (o.count !== undefined) {
+    const what = `load patch ${i}`;
+    const p: WirePatch = {
+      name: need<string>(o, "name", "string", what),
+      dtype: need<string>(o, "dtype", "string", what),
+      shape: shape as number[],
+      positions_offset: need<number>(o, "positions_offset", "integer", what),
+      values_offset: need<number>(o, "values_offset", "integer", what),
+      count: need<number>(o, "count", "integer", what),
+    };
+    const elements = p.shape.reduce((a, b) => a * b, 1);
+    if (p.count > elements) throw new InputError("E_PROTOCOL", `${what} (${p.name}): count ${p.count} exceeds the tensor's ${elements} elements`);
+    return p;
   }
   return {
     name: need<string>(o, "name", "string", `load tensor ${i}`),
@@ -167,6 +205,7 @@ export function parseRequest(frames: Uint8Array[]): { req: Request; ipcHandle?: 
         if (typeof obj.verify !== "boolean") throw new InputError("E_PROTOCOL", `open: field "verify" must be a boolean`);
         req.verify = obj.verify;
       }
+      if (obj.delta_from !== undefined) req.delta_from = need<number>(obj, "delta_from", "integer", "open");
       if (Array.isArray(obj.files) && obj.files.every((f) => typeof f === "string")) req.files = obj.files as string[];
       for (const k of ["buckets", "tensors", "bytes"] as const) {
         const v = obj[k];
@@ -241,6 +280,7 @@ export const ceDialect: Dialect = {
         path: o.path,
         ...(o.bufferId ? { buffer_id: o.bufferId } : {}),
         ...(o.verify ? { verify: true } : {}),
+        ...(o.deltaFrom !== undefined ? { delta_from: o.deltaFrom } : {}),
         files: o.files,
         buckets: o.buckets,
         tensors: o.tensors,
@@ -248,7 +288,16 @@ export const ceDialect: Dialect = {
       },
       o.handle,
     ),
-  load: (l) => encodeRequest({ op: "load", bucket: l.bucket, slot: l.slot, tensors: l.tensors }),
+  load: (l) =>
+    encodeRequest({
+      op: "load",
+      bucket: l.bucket,
+      slot: l.slot,
+      tensors: [
+        ...l.tensors,
+        ...(l.patches ?? []).map((p) => ({ name: p.name, dtype: p.dtype, shape: p.shape, positions_offset: p.positionsOffset, values_offset: p.valuesOffset, count: p.count })),
+      ],
+    }),
   release: (keep) => encodeRequest(keep ? { op: "release", keep } : { op: "release" }),
   finish: () => encodeRequest({ op: "finish" }),
   abort: (reason) => encodeRequest({ op: "abort", reason }),

@@ -3,13 +3,18 @@
 // every tensor into its own parameter memory (allocated once and kept across updates, as an
 // engine's weights are), and when ce asks it to verify, digests its parameters (docs/digest.md).
 // Protocol 2: it keeps its mapping across updates while ce keeps the buffer (worker-protocol.json,
-// "the kept mapping"): an open naming the buffer it maps costs no re-open.
+// "the kept mapping"): an open naming the buffer it maps costs no re-open. Delta updates: on the CPU
+// backend it answers an open with delta_from with "delta" and applies patches into its parameters (libce's scatter works on host
+// memory); on CUDA it declines them, since libce has no GPU scatter, and ce sends it full updates.
 import { availableParallelism } from "node:os";
 import { CeError, InputError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
+import { elementBytes } from "../checkpoint/safetensors";
 import { type Backend, type Buf, type Ctx, formatDigest } from "../native/ce";
 import {
   type OpenRequest,
+  type WirePatch,
+  isPatch,
   PROTOCOL_VERSION,
   type Reply,
   type Request,
@@ -62,6 +67,8 @@ class Receiver {
   received = new Set<string>();
   /** The last update finished here, told to ce at open; undefined once a failed update may have left partial weights. */
   holds: { checkpoint: string; version: number } | undefined;
+  /** This session is a delta from the version held at open: patches may apply. */
+  deltaApplies = false;
 
   constructor(readonly ctx: Ctx) {}
 
@@ -122,6 +129,8 @@ class Receiver {
       case "open": {
         const backend: Backend = req.backend;
         if (backend !== this.ctx.backend) throw new InputError("E_BACKEND", `ce sent a ${backend} buffer to a ${this.ctx.backend} worker`);
+        // ce checks the open reply before it sends a patch; refusing patches at load too keeps a wrong delta from ever applying.
+        this.deltaApplies = req.delta_from !== undefined && this.holds?.checkpoint === req.checkpoint && this.holds.version === req.delta_from;
         const kept = this.mapFor(req, ipcHandle);
         try {
           this.ensureParams(req);
@@ -134,13 +143,19 @@ class Receiver {
         // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
         if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
         if (this.holds) reply = { ...reply, ...this.holds };
+        if (req.delta_from !== undefined && this.ctx.backend === "cpu") reply = { ...reply, protocol: PROTOCOL_VERSION, delta: true };
         if (kept) log.debug(`open ${req.checkpoint}@${req.version}: kept the mapping of buffer ${req.buffer_id}`);
         break;
       }
       case "load": {
         const slot = this.slot!;
-        const copies = new BigUint64Array(req.tensors.length * 3);
-        req.tensors.forEach((t, i) => {
+        const dense = req.tensors.filter((t): t is WireTensor => !isPatch(t));
+        const patches = req.tensors.filter(isPatch);
+        if (patches.length && !this.deltaApplies) {
+          throw new InputError("E_DELTA_BASE", `tensor ${patches[0]!.name}: a patch, but this update is no delta onto the version this worker held at open`);
+        }
+        const copies = new BigUint64Array(dense.length * 3);
+        dense.forEach((t, i) => {
           if (t.offset + t.nbytes > slot.bytes) {
             throw new InputError("E_TENSOR_RANGE", `tensor ${t.name}: ${t.nbytes} bytes at ${t.offset} overrun the buffer of ${slot.bytes}`);
           }
@@ -152,7 +167,14 @@ class Receiver {
         });
         this.holds = undefined; // from here until finish, the parameters are neither the old version nor the new
         // The reply hands the slot back to ce: only once the copies are done.
+        const patchList = this.patchList(patches, slot);
         await this.ctx.wait(this.ctx.d2d(this.params!, slot, copies), { timeoutMs: OP_TIMEOUT_MS, what: `copying bucket ${req.bucket}` });
+        if (patches.length) {
+          await this.ctx.wait(this.ctx.bufPatch(this.params!, slot, patchList, Math.min(16, availableParallelism())), {
+            timeoutMs: OP_TIMEOUT_MS,
+            what: `applying ${patches.length} patches of bucket ${req.bucket}`,
+          });
+        }
         break;
       }
       case "release":
@@ -174,9 +196,26 @@ class Receiver {
     return reply;
   }
 
-  /** The digest of every tensor received this session, as its parameter holds it now. */
+  /** Where each patch lands in the parameters: (dstOffset, dstBytes, positionsOffset, valuesOffset, count, elemBytes). */
+  patchList(patches: WirePatch[], slot: Buf): BigUint64Array {
+    const out = new BigUint64Array(patches.length * 6);
+    patches.forEach((p, i) => {
+      const param = this.layout.get(p.name);
+      const es = elementBytes(p.dtype);
+      if (!param) throw new InputError("E_DELTA_BASE", `tensor ${p.name}: a patch for a tensor this worker does not hold`);
+      if (es === undefined || param.dtype !== p.dtype) throw new InputError("E_TENSOR_DTYPE", `tensor ${p.name}: a patch of ${p.dtype}, the parameter is ${param.dtype}`);
+      if (p.positions_offset + 4 * p.count > slot.bytes || p.values_offset + es * p.count > slot.bytes) {
+        throw new InputError("E_TENSOR_RANGE", `tensor ${p.name}: a patch of ${p.count} entries at ${p.positions_offset} overruns the buffer of ${slot.bytes}`);
+      }
+      out.set([BigInt(param.offset), BigInt(param.nbytes), BigInt(p.positions_offset), BigInt(p.values_offset), BigInt(p.count), BigInt(es)], 6 * i);
+      this.received.add(p.name);
+    });
+    return out;
+  }
+
+  /** The digest of every tensor received this session (after a delta: every tensor held), as its parameter holds it now. */
   async digests(): Promise<Record<string, string>> {
-    const names = [...this.received];
+    const names = this.open?.delta_from !== undefined ? [...this.layout.keys()] : [...this.received];
     const spans = new BigUint64Array(names.length * 2);
     names.forEach((n, i) => {
       const p = this.layout.get(n)!;

@@ -9,7 +9,7 @@
 import { appendFileSync, closeSync, openSync, readSync } from "node:fs";
 import { digestBytes, formatDigest } from "../../src/native/ce";
 import { parseArgs } from "node:util";
-import { type Reply, type WorkerState, encodeReply, parseRequest, transition } from "../../src/wire/protocol";
+import { type Reply, type WorkerState, encodeReply, isPatch, parseRequest, transition } from "../../src/wire/protocol";
 import { ZmqContext } from "../../src/transport/zmq";
 
 const { values } = parseArgs({
@@ -71,7 +71,8 @@ for (;;) {
       digests = req.verify ? new Map() : undefined;
     }
     if (req.op === "load" && digests) {
-      for (const t of req.tensors) if (t.name !== values.drop) digests.set(t.name, digestOf(slotFile!, t.offset, t.nbytes));
+      // It never announces delta, so ce sends it no patches.
+      for (const t of req.tensors) if (!isPatch(t) && t.name !== values.drop) digests.set(t.name, digestOf(slotFile!, t.offset, t.nbytes));
     }
     if (req.op === "finish" && digests) reply = { ok: true, digests: Object.fromEntries(digests) };
     if (failAt && failAt.op === req.op && failAt.n === n) {
