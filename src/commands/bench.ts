@@ -13,6 +13,7 @@ import { synthesize } from "../checkpoint/synth";
 import { formatBytes, formatSeconds, gbps } from "../base/units";
 import type { UpdateSummary } from "../core/update";
 import { deviceArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
+import { deltaBench, deltaTable } from "./_delta-bench";
 import { poolBench, poolTable } from "./_pool-bench";
 import { type Stats, stats } from "../bench/stats";
 
@@ -56,6 +57,11 @@ export default defineCommand({
       description: "the RL step end to end: a trainer process (Python, torch) pushes the model's state dict into a resident pool, each update streaming behind its push",
       default: false,
     },
+    delta: {
+      type: "string",
+      description: "delta updates of a resident pool: version 2 changes this fraction of the values of most tensors (0.01 = 1%); reports the compare's rate, bytes moved and time against a dense update of the same version",
+      valueHint: "FRACTION",
+    },
     "pool-slots": { type: "string", description: "with --pool: the pool's version slots (1 fits a model whose two copies do not fit in host memory; no rollback then)", default: "2", valueHint: "K" },
     "trainer-device": { type: "string", description: "with --pool: where the trainer's state dict lives (default: the first GPU, or cpu)", valueHint: "cuda:N|cpu" },
     timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
@@ -70,6 +76,18 @@ export default defineCommand({
     const options = updaterOptions({ ...args, engine: "workers" });
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);
+    if (args.delta !== undefined) {
+      try {
+        up = await openUpdater(options);
+        const result = await deltaBench(up, { model: args.model, fraction: Number(args.delta), timeoutMs, bucketBytes, slots });
+        if (args.json) writeJson({ ok: true, ...result });
+        else process.stdout.write(deltaTable(result));
+      } finally {
+        await up?.close();
+        stopCleanup();
+      }
+      return;
+    }
     if (args.pool) {
       try {
         up = await openUpdater(options);
