@@ -36,7 +36,7 @@ export async function deltaBench(up: Updater, o: { model: string; fraction: numb
   if (!(o.fraction > 0 && o.fraction <= 1)) throw new UsageError(`--delta ${o.fraction}: a fraction of the values, above 0 and at most 1`);
   const shapes = await loadShapes(o.model);
   const tensors = shapes.tensors.map((t) => ({ name: t.name, dtype: t.dtype ?? shapes.dtype, shape: t.shape }));
-  const daemon = new Daemon(up, { bucketBytes: o.bucketBytes, slots: o.slots, timeoutMs: o.timeoutMs, roots: [], verify: true });
+  const daemon = new Daemon(up, { bucketBytes: o.bucketBytes, slots: o.slots, timeoutMs: o.timeoutMs, roots: [], verify: true, delta: true });
   try {
     const made = (await daemon.createPool({ name: "bench", layout: tensors, slots: 3 })) as { layout: PlacedTensor[]; bytes: number };
     const layout = made.layout;

@@ -24,6 +24,11 @@ export default defineCommand({
     socket: { type: "string", description: "listen on this Unix socket instead (mode 0600: only this user can call it)", valueHint: "PATH" },
     root: { type: "string", description: "directories whose files may be registered, comma-separated", default: "/dev/shm", valueHint: "DIR[,DIR]" },
     timeout: { type: "string", description: `deadline for each update (default ${config.CE_TIMEOUT})`, valueHint: "10m" },
+    delta: {
+      type: "boolean",
+      description: "pool updates go as deltas against the serving version (unchanged tensors skipped, sparse patches) unless a request says \"delta\": false",
+      default: false,
+    },
     ...engineArgs,
     ...deviceArgs,
     ...planArgs,
@@ -38,7 +43,7 @@ export default defineCommand({
     const options = updaterOptions(args);
     const clustered = clusterOptions(args);
     const up = await openUpdater(options);
-    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots, verify: options.verify ?? false });
+    const daemon = new Daemon(up, { bucketBytes, slots, timeoutMs, roots, verify: options.verify ?? false, delta: args.delta });
     let cluster: Cluster | undefined;
     if (clustered) {
       try {

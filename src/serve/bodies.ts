@@ -22,7 +22,7 @@ export const UpdateBody = v.pipe(
     verify: v.optional(v.boolean()),
     /** of a pool: after a failed update, put every engine back on the version it served */
     rollback: v.optional(v.boolean()),
-    /** of a pool: false sends every tensor whole (default: a delta from the serving version while it is resident) */
+    /** of a pool: true sends a delta from the serving version while it is resident, false every tensor whole (default: ce serve --delta) */
     delta: v.optional(v.boolean()),
     /** of a cluster's checkpoint: only these global ranks (whole hosts) update, reading it by P2P from the hosts that hold it */
     ranks: v.optional(v.pipe(v.array(count), v.minLength(1, "at least one rank"))),

@@ -29,6 +29,12 @@ export interface ServeOptions {
   roots: string[];
   /** Updates verify by default: registrations compute their digests. */
   verify: boolean;
+  /**
+   * Pool updates go as deltas against the serving version unless a request says otherwise. Off by
+   * default: the compare reads both versions before the update starts, which costs more than it saves
+   * where host memory, not the link, binds (measured on the CI machine); a request's "delta" decides.
+   */
+  delta?: boolean;
 }
 
 interface Progress {
@@ -305,7 +311,7 @@ export class Daemon {
           timeoutMs: this.opts.timeoutMs,
           onProgress,
         };
-        const base = o.delta === false || o.source || this.#deltaUnsupported ? undefined : deltaBase(pool, version);
+        const base = !(o.delta ?? this.opts.delta ?? false) || o.source || this.#deltaUnsupported ? undefined : deltaBase(pool, version);
         if (base === undefined) return this.up.session.update(req);
         // The base's slot stays as it is until the update is done: the patches were computed from it.
         const doneBase = pool.reading(base);

@@ -77,7 +77,7 @@ for (const worker of ["ref", "python"] as const) {
 
     beforeAll(async () => {
       up = await cpuUpdater(2, { worker, python: PYTHON });
-      daemon = new Daemon(up, { timeoutMs: 120_000, roots: [], verify: true });
+      daemon = new Daemon(up, { timeoutMs: 120_000, roots: [], verify: true, delta: true });
       const tensors = oddTensors(worker === "ref" ? 60 : 30, 91, 512 * 1024).map(({ name, dtype, shape }) => ({ name, dtype, shape }));
       const made = (await daemon.createPool({ name: "policy", layout: tensors, slots: 3 })) as { layout: PlacedTensor[] };
       layout = made.layout;
