@@ -15,7 +15,7 @@ import { type Ctx, ncclLoad } from "../native/ce";
 import { Link, PeerError } from "./link";
 import { type Offer, checkOffers } from "../p2p/layout";
 import type { PullStats } from "../p2p/pull";
-import { type ClusterPlan, type HostPart, hostsOfRanks, planCluster } from "./plan";
+import { type ClusterPlan, type HostPart, clusterDigests, hostsOfRanks, planCluster } from "./plan";
 import { Sealer } from "./seal";
 
 const log = logger("cluster");
@@ -43,6 +43,8 @@ export interface Share {
   firstRank: number;
   comm: { id: Uint8Array; nranks: number; firstRank: number; key: string };
   files: { host: number; path: string }[];
+  /** every tensor's digest, gathered by host 0: with them each host's workers verify */
+  digests?: Record<string, string>;
   timeoutMs: number;
   /** names this update on every host, so an abort that overtakes its share still stops it */
   updateId: string;
@@ -333,6 +335,7 @@ export class Cluster {
       firstRank += d.ndev;
     });
     const plan: ClusterPlan = planCluster({ checkpoint, backend: this.#local.backend, parts });
+    const digests = clusterDigests(parts);
     const members = hosts.map((h) => `${h.rank}:${h.inc}`).join(",");
     // A new communicator only for new members or after a failure: while it stands, every host keeps
     // the one it has (its key unchanged) and the id is not used again.
@@ -384,6 +387,7 @@ export class Cluster {
             firstRank: p.firstRank,
             comm: { ...comm, firstRank: p.firstRank },
             files: plan.files,
+            ...(digests ? { digests } : {}),
             timeoutMs,
             updateId,
           };

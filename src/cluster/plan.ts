@@ -15,7 +15,22 @@ export interface HostPart {
   /** Smallest free device memory of the host, counting the buffers it holds already. */
   freeBytes: number;
   version: number;
-  files: { path: string; tensors: { name: string; dtype: string; shape: number[]; nbytes: number; offset: number }[] }[];
+  /** digest: the tensor's (docs/digest.md), when the host registered it with digests */
+  files: { path: string; tensors: { name: string; dtype: string; shape: number[]; nbytes: number; offset: number; digest?: string }[] }[];
+}
+
+/** Every tensor's digest, gathered from the hosts' parts; undefined when any host has none (nothing to verify against). */
+export function clusterDigests(parts: HostPart[]): Record<string, string> | undefined {
+  const out: Record<string, string> = {};
+  for (const p of parts) {
+    for (const f of p.files) {
+      for (const t of f.tensors) {
+        if (t.digest === undefined) return undefined;
+        out[t.name] = t.digest;
+      }
+    }
+  }
+  return out;
 }
 
 export interface ClusterPlan extends UpdatePlan {

@@ -398,7 +398,9 @@ export class Daemon {
       freeBytes: this.up.session.freeBytes(),
       files: reg.ckpt.files.map((f) => ({
         path: f.path,
-        tensors: reg.ckpt.tensors.filter((t) => t.file === f.path).map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, offset: t.fileOffset })),
+        tensors: reg.ckpt.tensors
+          .filter((t) => t.file === f.path)
+          .map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, offset: t.fileOffset, ...(reg.digests ? { digest: reg.digests.get(t.name)! } : {}) })),
       })),
     };
   }
@@ -432,6 +434,7 @@ export class Daemon {
         firstRank: share.firstRank,
         comm: share.comm,
         files: share.files.map((f) => f.path),
+        ...(share.digests ? { digests: new Map(Object.entries(share.digests)) } : {}),
         timeoutMs: share.timeoutMs,
         signal,
         onProgress,

@@ -59,7 +59,8 @@ describe("a cluster of three ce serve processes", () => {
       expect(r.status).toBe(200);
       expect(r.json).toMatchObject({ ok: true, checkpoint: "policy", version: 3, hosts: 3, ranks: 4, bytes: a.bytes, tensors: a.tensors });
       expect(r.json.perHost.map((p: { host: number }) => p.host)).toEqual([0, 1, 2]);
-      for (const p of r.json.perHost) expect(p).toMatchObject({ mode: "broadcast", bytes: a.bytes, tensors: a.tensors });
+      // Every host's workers verified every tensor against the digests host 0 gathered from all hosts.
+      for (const p of r.json.perHost) expect(p).toMatchObject({ mode: "broadcast", bytes: a.bytes, tensors: a.tensors, verified: a.tensors });
       // Owners are on the host that holds the bytes, and every host owned some buckets.
       const st = await call(hosts[2]!, "GET", "/v1/status");
       expect(st.json.cluster.hosts.map((h: { up: boolean }) => h.up)).toEqual([true, true, true]);
