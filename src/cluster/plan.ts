@@ -5,6 +5,7 @@ import { InputError } from "../base/errors";
 import type { Backend } from "../base/backend";
 import { type TensorRef, spreadOverRanks } from "../core/planner";
 import { type UpdatePlan, planUpdate } from "../core/sizing";
+import { checkHolders } from "../p2p/layout";
 
 /** What one host says it holds of a checkpoint, and the room it has. */
 export interface HostPart {
@@ -47,16 +48,8 @@ export function planCluster(input: {
   slots?: number;
 }): ClusterPlan {
   const parts = [...input.parts].sort((a, b) => a.host - b.host);
-  const versions = new Set(parts.map((p) => p.version));
-  if (versions.size > 1) {
-    throw new InputError(
-      "E_CLUSTER_VERSION",
-      `hosts hold different versions of "${input.checkpoint}": ${parts.map((p) => `host ${p.host} has ${p.version}`).join(", ")}`,
-      { hint: "register the same name and version on every host" },
-    );
-  }
+  checkHolders(input.checkpoint, parts);
   const files: { host: number; path: string }[] = [];
-  const holder = new Map<string, number>();
   const perRank: TensorRef[][] = [];
   for (const p of parts) {
     if (p.firstRank !== perRank.length) throw new RangeError(`host ${p.host}: first rank ${p.firstRank}, expected ${perRank.length}`);
@@ -64,13 +57,6 @@ export function planCluster(input: {
     for (const f of p.files) {
       const region = files.push({ host: p.host, path: f.path }) - 1;
       for (const t of f.tensors) {
-        const other = holder.get(t.name);
-        if (other !== undefined) {
-          throw new InputError("E_CLUSTER_DUPLICATE", `tensor "${t.name}" of "${input.checkpoint}" is held by host ${other} and host ${p.host}`, {
-            hint: "each tensor must be registered on exactly one host",
-          });
-        }
-        holder.set(t.name, p.host);
         refs.push({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, region, offset: t.offset });
       }
     }

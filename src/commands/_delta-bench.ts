@@ -38,15 +38,15 @@ export async function deltaBench(up: Updater, o: { model: string; fraction: numb
   const tensors = shapes.tensors.map((t) => ({ name: t.name, dtype: t.dtype ?? shapes.dtype, shape: t.shape }));
   const daemon = new Daemon(up, { bucketBytes: o.bucketBytes, slots: o.slots, timeoutMs: o.timeoutMs, roots: [], verify: true, delta: true });
   try {
-    const made = (await daemon.createPool({ name: "bench", layout: tensors, slots: 3 })) as { layout: PlacedTensor[]; bytes: number };
+    const made = (await daemon.pools.create({ name: "bench", layout: tensors, slots: 3 })) as { layout: PlacedTensor[]; bytes: number };
     const layout = made.layout;
-    const v1 = (await daemon.beginVersion("bench", { version: 1 })) as { path: string };
+    const v1 = (await daemon.pools.begin("bench", { version: 1 })) as { path: string };
     fillRandom(v1.path, made.bytes);
-    const v2 = (await daemon.beginVersion("bench", { version: 2 })) as { path: string };
+    const v2 = (await daemon.pools.begin("bench", { version: 2 })) as { path: string };
     log.info(`writing version 2: ${(o.fraction * 100).toPrecision(3)}% of the values of ${layout.length - Math.ceil(layout.length / UNTOUCHED_EVERY)} of ${layout.length} tensors changed`);
     stepFrom(v1.path, v2.path, layout, o.fraction);
-    await daemon.publishVersion("bench", 1, { update: true, delta: false });
-    await daemon.publishVersion("bench", 2, {});
+    await daemon.pools.publish("bench", 1, { update: true, delta: false });
+    await daemon.pools.publish("bench", 2, {});
     const delta = (await daemon.update({ pool: "bench", version: 2 })) as Summary;
     if (!delta.delta) throw new UsageError("the update of version 2 did not go as a delta (see the log for why)");
     log.info(`delta: ${formatBytes(delta.bytes)} of ${formatBytes(delta.delta.fullBytes)} in ${formatSeconds(delta.seconds)}; compared at ${delta.delta.compareGbps.toFixed(1)} GB/s`);

@@ -56,7 +56,7 @@ export async function poolBench(
   rmSync(socket, { force: true });
   const server = Bun.serve({ unix: socket, fetch: (req) => route(daemon, req), maxRequestBodySize: MAX_LAYOUT_BODY_BYTES });
   try {
-    const pool = (await daemon.createPool({ name: "bench", layout, slots: o.poolSlots })) as { bytes: number; tensors: number; hostBytes: number };
+    const pool = (await daemon.pools.create({ name: "bench", layout, slots: o.poolSlots })) as { bytes: number; tensors: number; hostBytes: number };
     log.info(`pool of ${layout.length} tensors, ${o.poolSlots} slot${o.poolSlots === 1 ? "" : "s"} of ${formatBytes(pool.bytes)} pinned; the trainer builds its state dict on ${o.trainerDevice}`);
     const py = pythonPath();
     const proc = Bun.spawn([o.python, "-m", "ce_client.bench", "--socket", socket, "--pool", "bench", "--device", o.trainerDevice, "--repeat", String(o.repeat + 1)], {
@@ -79,12 +79,12 @@ export async function poolBench(
     let rollbackSeconds: number | null = null;
     if (o.poolSlots > 1) {
       const t0 = performance.now();
-      await daemon.rollback("bench");
+      await daemon.pools.rollback("bench");
       rollbackSeconds = (performance.now() - t0) / 1000;
     }
     const last = timed.at(-1)!.reply.update;
     const total = stats(timed.map((l) => l.total));
-    await daemon.deletePool("bench");
+    await daemon.pools.delete("bench");
     return {
       model: o.model,
       bytes: last.bytes,

@@ -21,6 +21,7 @@ export interface VerifyInput {
 export function checkDigests(v: VerifyInput): number {
   const what = `${v.checkpoint} version ${v.version}`;
   const problems: string[] = [];
+  const sent = new Set(v.sent);
   v.replies.forEach((reply, d) => {
     const got = reply.extra.digests;
     if (typeof got !== "object" || got === null || Array.isArray(got)) {
@@ -36,7 +37,6 @@ export function checkDigests(v: VerifyInput): number {
       else continue;
       return;
     }
-    const sent = new Set(v.sent);
     const extra = Object.keys(digests).find((n) => !sent.has(n));
     if (extra !== undefined) problems.push(`${v.worker(d)} reported a digest for tensor ${extra}, which this update did not send`);
   });

@@ -58,22 +58,30 @@ export function checkOffers(checkpoint: string, offers: Offer[]): void {
   if (offers.length === 0) {
     throw new CeError("E_UNKNOWN_CHECKPOINT", `no host holds a checkpoint named "${checkpoint}"`, { hint: "POST /v1/checkpoints {name, path} on the hosts that hold it" });
   }
-  if (new Set(offers.map((o) => o.version)).size > 1) {
-    throw new InputError("E_CLUSTER_VERSION", `hosts hold different versions of "${checkpoint}": ${offers.map((o) => `host ${o.host} has ${o.version}`).join(", ")}`, {
+  checkHolders(checkpoint, offers);
+}
+
+/**
+ * What hosts say they hold of a checkpoint, for a cluster update or a pull alike: one version, each
+ * tensor on one host; else an error naming the hosts.
+ */
+export function checkHolders(checkpoint: string, holders: { host: number; version: number; files: { tensors: { name: string }[] }[] }[]): void {
+  if (new Set(holders.map((h) => h.version)).size > 1) {
+    throw new InputError("E_CLUSTER_VERSION", `hosts hold different versions of "${checkpoint}": ${holders.map((h) => `host ${h.host} has ${h.version}`).join(", ")}`, {
       hint: "register the same name and version on every host",
     });
   }
   const holder = new Map<string, number>();
-  for (const o of offers) {
-    for (const f of o.files) {
+  for (const h of holders) {
+    for (const f of h.files) {
       for (const t of f.tensors) {
         const other = holder.get(t.name);
         if (other !== undefined) {
-          throw new InputError("E_CLUSTER_DUPLICATE", `tensor "${t.name}" of "${checkpoint}" is held by host ${other} and host ${o.host}`, {
+          throw new InputError("E_CLUSTER_DUPLICATE", `tensor "${t.name}" of "${checkpoint}" is held by host ${other} and host ${h.host}`, {
             hint: "each tensor must be registered on exactly one host",
           });
         }
-        holder.set(t.name, o.host);
+        holder.set(t.name, h.host);
       }
     }
   }

@@ -11,12 +11,10 @@ import type { Offer } from "../p2p/layout";
 import { Pull } from "../p2p/pull";
 import { Lender } from "../p2p/source";
 import type { Updater } from "../app/updater";
-import { config } from "../base/config";
-import { Pool } from "../pool/pool";
-import { PoolBody, PublishBody, RegisterBody, UpdateBody, VersionBody, WrittenBody, parseBody } from "./bodies";
+import { RegisterBody, UpdateBody, parseBody } from "./bodies";
 import { Metrics } from "./metrics";
+import { Pools } from "./pools";
 import { checkUnderRoots } from "./roots";
-import { type Delta, computeDelta } from "../core/delta";
 import type { UpdateSummary } from "../core/update";
 
 const log = logger("serve");
@@ -51,12 +49,6 @@ export class Daemon {
   readonly #regs = new Map<string, Registration>();
   /** Names whose registration is under way: a second request for one is refused before it pins anything. */
   readonly #registering = new Set<string>();
-  readonly #pools = new Map<string, Pool>();
-  readonly #creatingPools = new Set<string>();
-  /** Updates started with a version's push (begin with update): publish returns their summary. */
-  readonly #streaming = new Map<string, Promise<Summary>>();
-  /** Set once the engine's workers said they apply no patches: pool updates then go whole without trying. */
-  #deltaUnsupported = false;
   #running: { checkpoint: string; startedMs: number; progress?: Progress } | undefined;
   #last: Summary | undefined;
 
@@ -64,10 +56,21 @@ export class Daemon {
   /** this host's transfer endpoint and the checkpoints it lends to pulls: made at the first pull */
   #lender: Lender | undefined;
 
+  /** This host's resident pools. */
+  readonly pools: Pools;
+
   constructor(
     private readonly up: Updater,
     private readonly opts: ServeOptions,
-  ) {}
+  ) {
+    this.pools = new Pools({
+      up,
+      opts,
+      track: (label, run) => this.#track(label, run),
+      running: () => this.#running?.checkpoint,
+      hostOnly: (what) => this.#hostOnly(what),
+    });
+  }
 
   readonly metrics = new Metrics();
 
@@ -132,8 +135,8 @@ export class Daemon {
   async update(body: unknown): Promise<Summary | ClusterSummary | PullSummary> {
     const { checkpoint: named, pool: poolName, version, verify, rollback, delta, ranks } = parseBody(UpdateBody, body);
     if (poolName !== undefined) {
-      const pool = this.#pool(poolName);
-      return this.#updatePool(pool, version ?? pool.latest().version, { verify, rollback, delta });
+      const pool = this.pools.get(poolName);
+      return this.pools.update(pool, version ?? pool.latest().version, { verify, rollback, delta });
     }
     const checkpoint = named!;
     if (ranks) {
@@ -155,213 +158,7 @@ export class Daemon {
     return summary;
   }
 
-  // ---- resident pools (this host's; a cluster's hosts each hold their own) ----
-
-  async createPool(body: unknown): Promise<object> {
-    const { name, layout, path, slots } = parseBody(PoolBody, body);
-    this.#hostOnly("pools");
-    if (this.#pools.has(name) || this.#creatingPools.has(name)) {
-      throw new CeError("E_POOL_EXISTS", `pool "${name}" exists already`, { hint: `DELETE /v1/pools/${name} first` });
-    }
-    let tensors = layout;
-    if (path !== undefined) {
-      checkUnderRoots(path, this.opts.roots);
-      tensors = (await openCheckpoint(path)).tensors.map((t) => ({ name: t.name, dtype: t.dtype, shape: t.shape }));
-    }
-    this.#creatingPools.add(name); // reserved before the first await, as register does
-    let pool: Pool;
-    try {
-      pool = await Pool.create(this.up.ctx, { name, tensors: tensors!, slots, dir: config.CE_SHM_DIR });
-    } finally {
-      this.#creatingPools.delete(name);
-    }
-    this.#pools.set(name, pool);
-    return { ...pool.describe(), layout: pool.layout.tensors };
-  }
-
-  listPools(): object {
-    return { pools: [...this.#pools.values()].map((p) => p.describe()) };
-  }
-
-  poolInfo(name: string): object {
-    const pool = this.#pool(name);
-    return { ...pool.describe(), layout: pool.layout.tensors };
-  }
-
-  async deletePool(name: string): Promise<object> {
-    const pool = this.#pool(name);
-    if ([...this.#streaming.keys()].some((k) => k.startsWith(`${name}@`)) || this.#running?.checkpoint.startsWith(`${name}@`)) {
-      throw new CeError("E_BUSY", `pool "${name}" is being updated into the engines`, { hint: "wait for the update to end" });
-    }
-    this.#pools.delete(name);
-    await pool.close();
-    return { name, freedBytes: pool.hostBytes };
-  }
-
-  /** A slot for a new version: the trainer writes it (then written… and publish), or ce fills it from files. */
-  async beginVersion(name: string, body: unknown): Promise<object> {
-    const { version, path, update, verify } = parseBody(VersionBody, body);
-    const pool = this.#pool(name);
-    if (path !== undefined) checkUnderRoots(path, this.opts.roots);
-    const ckpt = path !== undefined ? await openCheckpoint(path) : undefined;
-    const v = pool.begin(version);
-    if (update) this.#streamUpdate(pool, version, verify);
-    const slot = { version, slot: v.slot, path: pool.slots[v.slot]!.path, bytes: pool.layout.bytes };
-    if (!ckpt) return { ...slot, layout: pool.layout.tensors };
-    const t0 = performance.now();
-    try {
-      await pool.fill(version, ckpt);
-    } catch (err) {
-      await this.#streaming.get(`${name}@${version}`)?.catch(() => undefined);
-      pool.drop(version);
-      throw err;
-    }
-    const fillSeconds = (performance.now() - t0) / 1000;
-    return { ...slot, fillSeconds, ...(await this.publishVersion(name, version, { update: false })) };
-  }
-
-  written(name: string, version: number, body: unknown): object {
-    const { bytes } = parseBody(WrittenBody, body);
-    const v = this.#pool(name).written(version, bytes);
-    return { version, written: v.written };
-  }
-
-  /** Digests complete, the version is ready; with update (or an update streaming since begin), the engines get it. */
-  async publishVersion(name: string, version: number, body: unknown): Promise<object> {
-    const { update, verify, delta } = parseBody(PublishBody, body);
-    const pool = this.#pool(name);
-    const t0 = performance.now();
-    const v = await pool.publish(version);
-    const out = { version, publishSeconds: (performance.now() - t0) / 1000, digestSeconds: v.digestSeconds, bytes: pool.layout.bytes };
-    const key = `${name}@${version}`;
-    const streaming = this.#streaming.get(key);
-    if (streaming) {
-      try {
-        return { ...out, update: await streaming };
-      } finally {
-        this.#streaming.delete(key);
-      }
-    }
-    if (!update) return out;
-    return { ...out, update: await this.#updatePool(pool, version, { verify, delta }) };
-  }
-
-  /** Every engine back on the version served before the current one, from its resident slot: no registration. */
-  async rollback(name: string): Promise<object> {
-    const pool = this.#pool(name);
-    if (pool.previous === undefined) {
-      throw new CeError("E_NO_ROLLBACK", `pool "${name}" holds no earlier served version to roll back to`, {
-        hint: pool.serving === undefined ? "nothing was served from this pool yet" : `version ${pool.serving} is the only one served that is still resident`,
-      });
-    }
-    const from = pool.serving;
-    const to = pool.previous;
-    const summary = await this.#updatePool(pool, to, {});
-    log.info(`pool ${name}: rolled back from version ${from} to ${to} in ${summary.seconds.toFixed(3)} s`);
-    return { from: from ?? null, to, update: summary };
-  }
-
-  async deleteVersion(name: string, version: number): Promise<object> {
-    const pool = this.#pool(name);
-    if (pool.serving === version) throw new CeError("E_BUSY", `pool "${name}" version ${version} is what the engines serve: it stays resident for rollback`);
-    // A push that gave up: the update streaming behind it stops at once instead of at its deadline.
-    const key = `${name}@${version}`;
-    const streaming = this.#streaming.get(key);
-    if (streaming) {
-      pool.abandon(version);
-      await streaming.catch(() => undefined);
-      this.#streaming.delete(key);
-    }
-    pool.drop(version);
-    return { name, version };
-  }
-
-  /** An update started with the push: each bucket's H2D waits for its bytes; the verdict comes at publish. */
-  #streamUpdate(pool: Pool, version: number, verify: boolean | undefined): void {
-    const source = {
-      ready: (end: number, signal: AbortSignal) => pool.waitWritten(version, end, signal),
-      digests: () => pool.digestsOf(version),
-    };
-    const run = this.#updatePool(pool, version, { verify, source });
-    run.catch(() => undefined); // publish reports it
-    this.#streaming.set(`${pool.name}@${version}`, run);
-  }
-
-  async #updatePool(
-    pool: Pool,
-    version: number,
-    o: {
-      verify?: boolean;
-      rollback?: boolean;
-      /** false: every tensor whole */
-      delta?: boolean;
-      source?: { ready(end: number, signal: AbortSignal): Promise<void>; digests(): Promise<Map<string, string>> };
-    },
-  ): Promise<Summary> {
-    this.#hostOnly("pool updates");
-    const done = pool.reading(version);
-    try {
-      const summary = await this.#track(`${pool.name}@${version}`, async (onProgress) => {
-        const req = {
-          reg: pool.registration(version),
-          source: o.source,
-          verify: o.verify,
-          bucketBytes: this.opts.bucketBytes,
-          slots: this.opts.slots,
-          timeoutMs: this.opts.timeoutMs,
-          onProgress,
-        };
-        const base = !(o.delta ?? this.opts.delta ?? false) || o.source || this.#deltaUnsupported ? undefined : deltaBase(pool, version);
-        if (base === undefined) return this.up.session.update(req);
-        // The base's slot stays as it is until the update is done: the patches were computed from it.
-        const doneBase = pool.reading(base);
-        let delta: Delta | undefined;
-        try {
-          const region = (v: number) => pool.slots[pool.get(v).slot]!.region;
-          delta = await computeDelta(this.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version) });
-          return await this.up.session.update({ ...req, delta });
-        } catch (err) {
-          // A full update is always correct (and verified like the delta would be): the delta only saves bytes.
-          if (!(err instanceof CeError && ["E_DELTA_BASE", "E_DELTA_UNSUPPORTED", "E_DELTA"].includes(err.code))) throw err;
-          // Engines whose workers apply no patches (vLLM's) get full updates from now on, without a compare each time.
-          if (err.code === "E_DELTA_UNSUPPORTED") this.#deltaUnsupported = true;
-          (err.code === "E_DELTA" ? log.warn : log.info)(`${errorMessage(err)}: updating ${pool.name}@${version} in full${this.#deltaUnsupported ? ", and every later pool update too" : ""}`);
-          return this.up.session.update(req);
-        } finally {
-          await delta?.release().catch((err) => log.warn(errorMessage(err)));
-          doneBase();
-        }
-      });
-      pool.served(version);
-      const d = summary.delta;
-      const how = d ? ` (delta from ${d.base}: ${d.bytes} of ${d.fullBytes} bytes; ${d.same} unchanged, ${d.sparse} sparse, ${d.dense} dense; compared at ${d.compareGbps.toFixed(1)} GB/s)` : "";
-      log.info(`updated ${pool.name}@${version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s${how}`);
-      return summary;
-    } catch (err) {
-      const back = pool.serving;
-      if (!o.rollback || back === undefined || back === version) throw err;
-      // The failed update may have left engines between versions: put every one back on what it served.
-      try {
-        const r = await this.#updatePool(pool, back, {});
-        throw new CeError(err instanceof CeError ? err.code : "E_UPDATE", `${errorMessage(err)}; rolled every engine back to ${pool.name} version ${back} (${r.seconds.toFixed(3)} s)`, {
-          hint: "the engines serve the previous version",
-          cause: err,
-        });
-      } catch (rollbackErr) {
-        if (rollbackErr instanceof CeError && rollbackErr.cause === err) throw rollbackErr;
-        throw new CeError(err instanceof CeError ? err.code : "E_UPDATE", `${errorMessage(err)}; rolling back to version ${back} failed too: ${errorMessage(rollbackErr)}`, { cause: err });
-      }
-    } finally {
-      done();
-    }
-  }
-
-  #pool(name: string): Pool {
-    const pool = this.#pools.get(name);
-    if (!pool) throw new CeError("E_UNKNOWN_POOL", `no pool named "${name}"`, { hint: "POST /v1/pools {name, layout | path} first" });
-    return pool;
-  }
-
+  /** Pools are per host: refused on a host of a cluster of several. */
   #hostOnly(what: string): void {
     if (this.#cluster && this.#cluster.nnodes > 1) {
       throw new CeError("E_POOL_CLUSTER", `${what} are per host for now: this ce serve is host ${this.#cluster.rank} of a ${this.#cluster.nnodes}-host cluster`, {
@@ -490,7 +287,7 @@ export class Daemon {
       deviceBytes: this.up.session.heldBytes(),
       versions: new Map([...this.#regs.values()].map((r) => [r.name, r.version])),
       hostsUp: this.#cluster ? this.#cluster.hostsUp() : 1,
-      pools: [...this.#pools.values()].map((p) => ({ name: p.name, hostBytes: p.hostBytes, serving: p.serving })),
+      pools: this.pools.all().map((p) => ({ name: p.name, hostBytes: p.hostBytes, serving: p.serving })),
     });
     return this.metrics.text();
   }
@@ -509,7 +306,7 @@ export class Daemon {
       running: r && { checkpoint: r.checkpoint, seconds: (performance.now() - r.startedMs) / 1000, ...r.progress },
       last: this.#last ?? null,
       checkpoints: this.#regs.size,
-      pools: [...this.#pools.values()].map((p) => ({ name: p.name, hostBytes: p.hostBytes, slots: p.slots.length, serving: p.serving ?? null, versions: [...p.versions.keys()].sort((a, b) => a - b) })),
+      pools: this.pools.all().map((p) => ({ name: p.name, hostBytes: p.hostBytes, slots: p.slots.length, serving: p.serving ?? null, versions: [...p.versions.keys()].sort((a, b) => a - b) })),
       devices: this.up.set.devices.map((d) => d.uuid),
       engine: this.up.engine.description,
       deviceBytes: this.up.session.heldBytes(),
@@ -525,9 +322,7 @@ export class Daemon {
     this.#lender?.close();
     for (const reg of this.#regs.values()) await unregister(this.up.ctx, reg).catch((err) => log.warn(errorMessage(err)));
     this.#regs.clear();
-    await Promise.allSettled(this.#streaming.values());
-    for (const pool of this.#pools.values()) await pool.close().catch((err) => log.warn(errorMessage(err)));
-    this.#pools.clear();
+    await this.pools.close();
     await this.up.close();
   }
 
@@ -556,13 +351,6 @@ function describe(reg: Registration): object {
     registerSeconds: reg.registerSeconds,
     inPlace: reg.inPlace,
   };
-}
-
-/** The version a delta of `version` starts from: the one the engines are served, while it is resident and published. */
-function deltaBase(pool: Pool, version: number): number | undefined {
-  const base = pool.serving;
-  if (base === undefined || base === version) return undefined;
-  return pool.versions.get(base)?.state === "ready" && pool.versions.get(version)?.state === "ready" ? base : undefined;
 }
 
 function busy(checkpoint: string): CeError {

@@ -50,20 +50,20 @@ function poolRoute(daemon: Daemon, req: Request, path: string): { status: number
   const { method } = req;
   const body = () => readBody(req);
   if (name === undefined) {
-    if (method === "GET") return { status: 200, run: async () => daemon.listPools() };
-    if (method === "POST") return { status: 201, run: async () => daemon.createPool(await readBody(req, MAX_LAYOUT_BODY_BYTES)) };
+    if (method === "GET") return { status: 200, run: async () => daemon.pools.list() };
+    if (method === "POST") return { status: 201, run: async () => daemon.pools.create(await readBody(req, MAX_LAYOUT_BODY_BYTES)) };
     return undefined;
   }
-  if (rollback) return method === "POST" ? { status: 200, run: () => daemon.rollback(name) } : undefined;
-  if (version === undefined && path.endsWith("/versions")) return method === "POST" ? { status: 201, run: async () => daemon.beginVersion(name, await body()) } : undefined;
+  if (rollback) return method === "POST" ? { status: 200, run: () => daemon.pools.rollback(name) } : undefined;
+  if (version === undefined && path.endsWith("/versions")) return method === "POST" ? { status: 201, run: async () => daemon.pools.begin(name, await body()) } : undefined;
   if (version === undefined) {
-    if (method === "GET") return { status: 200, run: async () => daemon.poolInfo(name) };
-    if (method === "DELETE") return { status: 200, run: () => daemon.deletePool(name) };
+    if (method === "GET") return { status: 200, run: async () => daemon.pools.info(name) };
+    if (method === "DELETE") return { status: 200, run: () => daemon.pools.delete(name) };
     return undefined;
   }
-  if (action === "written") return method === "POST" ? { status: 200, run: async () => daemon.written(name, version, await body()) } : undefined;
-  if (action === "publish") return method === "POST" ? { status: 200, run: async () => daemon.publishVersion(name, version, await body()) } : undefined;
-  return method === "DELETE" ? { status: 200, run: () => daemon.deleteVersion(name, version) } : undefined;
+  if (action === "written") return method === "POST" ? { status: 200, run: async () => daemon.pools.written(name, version, await body()) } : undefined;
+  if (action === "publish") return method === "POST" ? { status: 200, run: async () => daemon.pools.publish(name, version, await body()) } : undefined;
+  return method === "DELETE" ? { status: 200, run: () => daemon.pools.deleteVersion(name, version) } : undefined;
 }
 
 /** Routes one request. */

@@ -63,9 +63,9 @@ function writeSlot(path: string, layout: PlacedTensor[], v: Version): void {
 
 /** Pushes version `n` into the pool and updates the workers with it. */
 async function push(daemon: Daemon, layout: PlacedTensor[], n: number, v: Version, opts: { delta?: boolean } = {}): Promise<Summary> {
-  const begun = (await daemon.beginVersion("policy", { version: n })) as { path: string };
+  const begun = (await daemon.pools.begin("policy", { version: n })) as { path: string };
   writeSlot(begun.path, layout, v);
-  const out = (await within(120_000, `publishing version ${n}`, daemon.publishVersion("policy", n, { update: true, ...opts }))) as { update: Summary };
+  const out = (await within(120_000, `publishing version ${n}`, daemon.pools.publish("policy", n, { update: true, ...opts }))) as { update: Summary };
   return out.update;
 }
 
@@ -79,7 +79,7 @@ for (const worker of ["ref", "python"] as const) {
       up = await cpuUpdater(2, { worker, python: PYTHON });
       daemon = new Daemon(up, { timeoutMs: 120_000, roots: [], verify: true, delta: true });
       const tensors = oddTensors(worker === "ref" ? 60 : 30, 91, 512 * 1024).map(({ name, dtype, shape }) => ({ name, dtype, shape }));
-      const made = (await daemon.createPool({ name: "policy", layout: tensors, slots: 3 })) as { layout: PlacedTensor[] };
+      const made = (await daemon.pools.create({ name: "policy", layout: tensors, slots: 3 })) as { layout: PlacedTensor[] };
       layout = made.layout;
     }, 90_000);
 
@@ -135,7 +135,7 @@ for (const worker of ["ref", "python"] as const) {
           if (n === fullAt) expect(s.delta).toBeUndefined();
           else expect(s.delta?.base).toBe(n - 1);
         }
-        const info = daemon.poolInfo("policy") as { serving: number };
+        const info = daemon.pools.info("policy") as { serving: number };
         expect(info.serving).toBe(last);
       },
       600_000,
@@ -147,19 +147,19 @@ for (const worker of ["ref", "python"] as const) {
         const pid = (i: number) => (up.engine as unknown as { pid(i: number): number }).pid(i);
         const pids = [pid(0), pid(1)];
         // Another pool of the same layout: the engines then hold other@1, not what policy last served.
-        await daemon.createPool({ name: "other", layout: layout.map(({ name, dtype, shape }) => ({ name, dtype, shape })), slots: 2 });
-        const begun = (await daemon.beginVersion("other", { version: 1 })) as { path: string };
+        await daemon.pools.create({ name: "other", layout: layout.map(({ name, dtype, shape }) => ({ name, dtype, shape })), slots: 2 });
+        const begun = (await daemon.pools.begin("other", { version: 1 })) as { path: string };
         writeSlot(begun.path, layout, firstVersion(layout, 77));
-        await daemon.publishVersion("other", 1, { update: true });
-        const serving = (daemon.poolInfo("policy") as { serving: number }).serving;
-        const begunNext = (await daemon.beginVersion("policy", { version: serving + 1 })) as { path: string };
+        await daemon.pools.publish("other", 1, { update: true });
+        const serving = (daemon.pools.info("policy") as { serving: number }).serving;
+        const begunNext = (await daemon.pools.begin("policy", { version: serving + 1 })) as { path: string };
         writeSlot(begunNext.path, layout, firstVersion(layout, 78));
-        const s = ((await daemon.publishVersion("policy", serving + 1, { update: true })) as { update: Summary }).update;
+        const s = ((await daemon.pools.publish("policy", serving + 1, { update: true })) as { update: Summary }).update;
         expect(s.delta).toBeUndefined();
         expect(s.bytes).toBe(layout.reduce((n, t) => n + t.nbytes, 0));
         expect(s.verified).toBe(layout.length);
         expect([pid(0), pid(1)]).toEqual(pids);
-        await daemon.deletePool("other");
+        await daemon.pools.delete("other");
       },
       120_000,
     );
