@@ -1,6 +1,6 @@
 """ce_client against the real ce serve (dist/ce): a pool from a state dict's layout, pushes of CPU
 tensors published with update into one Python worker (python3 -m ce_worker, this interpreter), which
-ce verifies by digest. Skipped without dist/ce, or when that build of ce serve has no pool routes."""
+ce verifies by digest. Skipped without dist/ce."""
 
 import json
 import os
@@ -15,7 +15,7 @@ import support
 
 import torch
 
-from ce_client import CeError, LayoutError, Pool
+from ce_client import LayoutError, Pool
 
 CE = os.path.join(os.path.dirname(support.PACKAGE_ROOT), "dist", "ce")
 DEADLINE_S = 60
@@ -59,12 +59,7 @@ class ServeTest(unittest.TestCase):
     def test_pushes_publish_into_the_worker_verified_and_a_bad_state_dict_is_refused_first(self):
         serve = Serve(self)
         tensors = support.sample_tensors(seed=1)
-        try:
-            pool = Pool.create(f"client-test-{os.getpid()}", tensors, slots=2, url=serve.url, timeout_s=DEADLINE_S)
-        except CeError as e:
-            if e.code == "E_NOT_FOUND":
-                self.skipTest(f"this dist/ce serves no pool routes yet ({e.message})")
-            raise
+        pool = Pool.create(f"client-test-{os.getpid()}", tensors, slots=2, url=serve.url, timeout_s=DEADLINE_S)
         self.addCleanup(pool.close)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         for version in (1, 2, 3):  # more versions than slots: the first slot comes round again
