@@ -71,6 +71,7 @@ static void dev_close(ce_dev_t *dv) {
   if (dv->copy) cu.cuStreamSynchronize(dv->copy), cu.cuStreamDestroy(dv->copy);
   if (dv->comm) cu.cuStreamSynchronize(dv->comm), cu.cuStreamDestroy(dv->comm);
   if (dv->epoch) cu.cuEventDestroy(dv->epoch);
+  if (dv->kernels) cu.cuModuleUnload(dv->kernels);
   cu.cuDevicePrimaryCtxRelease(dv->cudev);
   memset(dv, 0, sizeof *dv);
 }

@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10400
+#define CE_ABI_VERSION 10500
 
 /* Status codes. */
 #define CE_OK 0
@@ -201,8 +201,9 @@ CE_API int ce_digest_bytes(const void *data, uint64_t bytes, uint64_t *digest_ou
 CE_API int ce_digest_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, int threads, uint64_t after,
                             uint64_t *op_out);
 /* As ce_digest_submit over a buffer's spans: (buf_offset, bytes) pairs. A CPU-backend buffer is
- * digested in place; a GPU buffer is read back into pinned scratch in 64 MiB rounds (the next
- * round's copy runs while one is digested), so its rate is the lower of D2H and the threads'. */
+ * digested in place; a GPU buffer by libce's kernel on its GPU (only a few sums per span come back),
+ * or, where a span is not 4-aligned or the driver cannot build the kernel, read back into pinned
+ * scratch in 64 MiB rounds (the next round's copy runs while one is digested). */
 CE_API int ce_buf_digest_submit(ce_ctx_t *ctx, ce_buf_t *buf, const uint64_t *spans, uint64_t nspans, int threads,
                                 uint64_t after, uint64_t *op_out);
 /* ce_op_poll for a digest op that also copies its nspans digests into digests (room for len)
@@ -229,10 +230,11 @@ CE_API int ce_delta_encode_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t
 /* ce_op_poll for a delta op that also copies its nspans counts into counts (room for len) once
  * done. CE_E_INVAL (op not collected) when len is too small. Never blocks. */
 CE_API int ce_delta_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *counts, uint64_t len);
-/* Applies patches held in buffer src into buffer dst, both host memory (CPU backend; a GPU buffer
- * is CE_E_STATE: libce has no GPU scatter): patches holds (dst_offset, dst_bytes, positions_offset,
- * values_offset, count, elem_bytes) sextuples. A position past its tensor fails the op (CE_E_INVAL,
- * naming patch and entry) with that patch partly applied. On up to `threads` threads. Async. */
+/* Applies patches held in buffer src into buffer dst, both host memory (CPU backend, on up to
+ * `threads` threads) or both on one GPU (libce's scatter kernel; each tensor, its positions and its
+ * values aligned to their elements, else CE_E_INVAL): patches holds (dst_offset, dst_bytes,
+ * positions_offset, values_offset, count, elem_bytes) sextuples. A position past its tensor fails
+ * the op (CE_E_INVAL, naming patch and entry) with that patch partly applied. Async. */
 CE_API int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *patches, uint64_t npatches,
                                int threads, uint64_t *op_out);
 

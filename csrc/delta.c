@@ -315,6 +315,8 @@ typedef struct {
   uint64_t elems;
   const uint8_t *pos, *val;
   uint32_t es;
+  uint64_t count;
+  CUdeviceptr gdst, gpos, gval; /* the same, on a GPU */
 } ppatch_t;
 
 typedef struct {
@@ -324,6 +326,7 @@ typedef struct {
 
 typedef struct {
   int threads;
+  ce_buf_t *gpu; /* set: the patches apply on this buffer's GPU, by libce's scatter kernel */
   uint64_t npatches, npieces;
   ppatch_t *patches;
   ppiece_t *pieces;
@@ -367,8 +370,50 @@ static void *patch_worker(void *arg) {
   return NULL;
 }
 
+/* One scatter launch per patch on a stream of its own; each patch's device word says whether one of its
+ * positions was past its tensor (nothing is written there; verify by digest sees the tensor). */
+static int patch_gpu(ce_op_t *op, patch_job_t *job) {
+  int d = job->gpu->dev, gpu = op->ctx->dev[d].ordinal;
+  int rc = ce_kernels_load(op->ctx, d);
+  if (rc) return ce_op_fail(op, rc, "%s", ce_last_error());
+  const ce_dev_t *dv = &op->ctx->dev[d];
+  uint64_t *bad = calloc(job->npatches ? job->npatches : 1, 8);
+  if (!bad) return ce_op_fail(op, CE_E_NOMEM, "out of host memory for %llu patches", (unsigned long long)job->npatches);
+  CUstream s = NULL;
+  CUdeviceptr dbad = 0;
+  CUresult r = cu.cuCtxSetCurrent(dv->cuctx);
+  if (r == CUDA_SUCCESS) r = cu.cuStreamCreate(&s, CU_STREAM_NON_BLOCKING);
+  if (r == CUDA_SUCCESS && job->npatches) r = cu.cuMemAlloc(&dbad, 8 * job->npatches);
+  if (r == CUDA_SUCCESS && job->npatches) r = cu.cuMemcpyHtoDAsync(dbad, bad, 8 * job->npatches, s);
+  for (uint64_t i = 0; r == CUDA_SUCCESS && i < job->npatches; i++) {
+    const ppatch_t *p = &job->patches[i];
+    r = ce_kernel_scatter(dv, s, p->gdst, p->gpos, p->gval, p->count, p->elems, p->es, dbad + 8 * i);
+  }
+  if (r == CUDA_SUCCESS && job->npatches) r = cu.cuMemcpyDtoHAsync(bad, dbad, 8 * job->npatches, s);
+  if (s) {
+    CUresult sync = cu.cuStreamSynchronize(s);
+    if (r == CUDA_SUCCESS) r = sync;
+    cu.cuStreamDestroy(s);
+  }
+  if (dbad) cu.cuMemFree(dbad);
+  rc = CE_OK;
+  if (r != CUDA_SUCCESS) {
+    char why[512];
+    ce_cuda_describe(r, why, sizeof why);
+    rc = ce_op_fail(op, CE_E_CUDA, "applying %llu patches on GPU %d: %s", (unsigned long long)job->npatches, gpu, why);
+  }
+  for (uint64_t i = 0; rc == CE_OK && i < job->npatches; i++)
+    if (bad[i])
+      rc = ce_op_fail(op, CE_E_INVAL, "patch %llu, entry %llu: position past the tensor's %llu elements (on GPU %d)", (unsigned long long)i,
+                      (unsigned long long)(bad[i] - 1), (unsigned long long)job->patches[i].elems, gpu);
+  free(bad);
+  if (rc == CE_OK) op->value = job->npatches;
+  return rc;
+}
+
 static int patch_run(ce_op_t *op) {
   patch_job_t *job = op->job_arg;
+  if (job->gpu) return patch_gpu(op, job);
   uint64_t extra = job->npieces > 1 ? job->npieces - 1 : 0;
   if (extra > (uint64_t)job->threads - 1) extra = (uint64_t)job->threads - 1;
   pthread_t th[MAX_THREADS];
@@ -392,8 +437,8 @@ int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint6
   int rc = ce_buf_in_ctx(ctx, dst, what);
   if (!rc) rc = ce_buf_in_ctx(ctx, src, what);
   if (rc) return rc;
-  if (!ce_buf_on_host(dst) || !ce_buf_on_host(src))
-    return ce_fail(CE_E_STATE, "%s: a GPU buffer: libce applies patches into host memory only (CPU backend)", what);
+  if (ce_buf_on_host(dst) != ce_buf_on_host(src) || (!ce_buf_on_host(dst) && dst->dev != src->dev))
+    return ce_fail(CE_E_STATE, "%s: the parameters and the patches must both be host memory, or both on one GPU", what);
   if (npatches > UINT32_MAX) return ce_fail(CE_E_INVAL, "%s: %llu patches, at most 2^32 - 1", what, (unsigned long long)npatches);
   patch_job_t *job = calloc(1, sizeof *job);
   if (job) job->patches = calloc(npatches ? npatches : 1, sizeof *job->patches);
@@ -402,6 +447,7 @@ int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint6
     return ce_fail(CE_E_NOMEM, "%s: out of host memory for %llu patches", what, (unsigned long long)npatches);
   }
   job->threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+  job->gpu = ce_buf_on_host(dst) ? NULL : dst;
   job->npatches = npatches;
   uint64_t npieces = 0;
   for (uint64_t i = 0; i < npatches; i++) {
@@ -415,7 +461,13 @@ int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint6
                      (unsigned long long)voff, (unsigned long long)src->bytes, (unsigned long long)dbytes, (unsigned long long)doff,
                      (unsigned long long)dst->bytes);
     }
-    job->patches[i] = (ppatch_t){dst->host + doff, dbytes / es, src->host + poff, src->host + voff, (uint32_t)es};
+    if (!ce_buf_on_host(dst) && ((dst->dptr + doff) % es || (src->dptr + voff) % es || (src->dptr + poff) % 4)) {
+      patch_job_free(job);
+      return ce_fail(CE_E_INVAL, "%s: patch %llu: on a GPU the tensor, its positions and its values must be aligned to their elements", what,
+                     (unsigned long long)i);
+    }
+    job->patches[i] = ce_buf_on_host(dst) ? (ppatch_t){dst->host + doff, dbytes / es, src->host + poff, src->host + voff, (uint32_t)es, count, 0, 0, 0}
+                                          : (ppatch_t){NULL, dbytes / es, NULL, NULL, (uint32_t)es, count, dst->dptr + doff, src->dptr + poff, src->dptr + voff};
     npieces += (count + PATCH_PIECE - 1) / PATCH_PIECE;
   }
   if (!(job->pieces = calloc(npieces ? npieces : 1, sizeof *job->pieces))) {

@@ -12,6 +12,8 @@ typedef int CUdevice;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUmod_st *CUmodule;
+typedef struct CUfunc_st *CUfunction;
 typedef uint64_t CUdeviceptr;
 typedef struct { char reserved[64]; } CUipcMemHandle;
 typedef struct { char bytes[16]; } CUuuid;
@@ -97,6 +99,16 @@ typedef struct { char bytes[16]; } CUuuid;
   /* CUresult cuEventElapsedTime(float *pMilliseconds, CUevent hStart, CUevent hEnd);                   \
      CUDA 13's header maps it to _v2; the original symbol stays in every driver */                     \
   CE_CU(cuEventElapsedTime, "cuEventElapsedTime", CUresult, (float *, CUevent, CUevent))                \
+  /* CUresult cuModuleLoadData(CUmodule *module, const void *image); */                                 \
+  CE_CU(cuModuleLoadData, "cuModuleLoadData", CUresult, (CUmodule *, const void *))                     \
+  /* CUresult cuModuleUnload(CUmodule hmod); */                                                         \
+  CE_CU(cuModuleUnload, "cuModuleUnload", CUresult, (CUmodule))                                         \
+  /* CUresult cuModuleGetFunction(CUfunction *hfunc, CUmodule hmod, const char *name); */               \
+  CE_CU(cuModuleGetFunction, "cuModuleGetFunction", CUresult, (CUfunction *, CUmodule, const char *))   \
+  /* CUresult cuLaunchKernel(CUfunction f, unsigned gridDimX, gridDimY, gridDimZ, blockDimX, blockDimY,  \
+     blockDimZ, unsigned sharedMemBytes, CUstream hStream, void **kernelParams, void **extra); */        \
+  CE_CU(cuLaunchKernel, "cuLaunchKernel", CUresult,                                                     \
+        (CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, CUstream, void **, void **)) \
   /* CUresult cuMemcpyHtoDAsync(CUdeviceptr dst, const void *src, size_t n, CUstream s);  _v2 */        \
   CE_CU(cuMemcpyHtoDAsync, "cuMemcpyHtoDAsync_v2", CUresult, (CUdeviceptr, const void *, size_t, CUstream)) \
   /* CUresult cuMemcpyDtoHAsync(void *dst, CUdeviceptr src, size_t n, CUstream s);  _v2 */              \

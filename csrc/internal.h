@@ -48,6 +48,12 @@ typedef struct {
   CUstream copy;
   CUstream comm;
   CUevent epoch;
+  /* libce's kernels (kernels.c), compiled from PTX on first use; kernels_status: 0 untried, 1 loaded,
+   * -1 failed (kernels_error says why) */
+  CUmodule kernels;
+  CUfunction scatter, digest;
+  int kernels_status;
+  CUresult kernels_error;
 } ce_dev_t;
 
 typedef struct ce_op ce_op_t;
@@ -206,6 +212,21 @@ void ce_ops_free(ce_ctx_t *ctx);
 /* The region if id names a ready one, else NULL with the last error set. */
 ce_region_t *ce_region_get(ce_ctx_t *ctx, uint32_t id);
 void ce_regions_free(ce_ctx_t *ctx);
+
+/* ---- GPU kernels (kernels.c) ---- */
+/* Loads libce's kernels on device d once (under ctx->mu); CE_E_CUDA, with the driver's reason, when
+ * its JIT cannot build them. */
+int ce_kernels_load(ce_ctx_t *ctx, int d);
+/* Threads per block of both kernels (the digest's shared reduction is sized for it). */
+#define CE_KERNEL_THREADS 256
+/* Writes patch entries (int32 positions at pos, values at val) into dst, a tensor of `elems`
+ * elements of es bytes, on stream s; *bad (a device word) becomes nonzero for a position past it. */
+CUresult ce_kernel_scatter(const ce_dev_t *dv, CUstream s, CUdeviceptr dst, CUdeviceptr pos, CUdeviceptr val, uint64_t count,
+                           uint64_t elems, uint32_t es, CUdeviceptr bad);
+/* Blocks the digest kernel uses for `words` words: that many partial sums it writes. */
+uint32_t ce_kernel_digest_blocks(uint64_t words);
+/* Partial digest sums of the words at base (4-aligned) into out[0 .. ce_kernel_digest_blocks(words)). */
+CUresult ce_kernel_digest(const ce_dev_t *dv, CUstream s, CUdeviceptr base, uint64_t words, CUdeviceptr out);
 
 /* ---- buffers (ipc.c) ---- */
 void ce_bufs_free(ce_ctx_t *ctx);

@@ -305,8 +305,8 @@ export class Ctx {
   }
 
   /**
-   * Applies patches held in src into dst, both CPU-backend buffers: patches holds (dstOffset,
-   * dstBytes, positionsOffset, valuesOffset, count, elemBytes) sextuples. Async.
+   * Applies patches held in src into dst, both host memory or both on one GPU: patches holds
+   * (dstOffset, dstBytes, positionsOffset, valuesOffset, count, elemBytes) sextuples. Async.
    */
   bufPatch(dst: Buf, src: Buf, patches: BigUint64Array, threads: number): OpId {
     const op = new BigUint64Array(1);

@@ -3,9 +3,9 @@
 // every tensor into its own parameter memory (allocated once and kept across updates, as an
 // engine's weights are), and when ce asks it to verify, digests its parameters (docs/digest.md).
 // Protocol 2: it keeps its mapping across updates while ce keeps the buffer (worker-protocol.json,
-// "the kept mapping"): an open naming the buffer it maps costs no re-open. Delta updates: on the CPU
-// backend it answers an open with delta_from with "delta" and applies patches into its parameters (libce's scatter works on host
-// memory); on CUDA it declines them, since libce has no GPU scatter, and ce sends it full updates.
+// "the kept mapping"): an open naming the buffer it maps costs no re-open. Delta updates: it answers
+// an open with delta_from with "delta" and applies patches into its parameters with libce (threads on
+// the CPU backend, libce's scatter kernel on a GPU).
 import { availableParallelism } from "node:os";
 import { CeError, InputError, errorMessage } from "../base/errors";
 import { logger } from "../base/log";
@@ -143,7 +143,7 @@ class Receiver {
         // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
         if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
         if (this.holds) reply = { ...reply, ...this.holds };
-        if (req.delta_from !== undefined && this.ctx.backend === "cpu") reply = { ...reply, protocol: PROTOCOL_VERSION, delta: true };
+        if (req.delta_from !== undefined) reply = { ...reply, protocol: PROTOCOL_VERSION, delta: true };
         if (kept) log.debug(`open ${req.checkpoint}@${req.version}: kept the mapping of buffer ${req.buffer_id}`);
         break;
       }
@@ -168,13 +168,16 @@ class Receiver {
         this.holds = undefined; // from here until finish, the parameters are neither the old version nor the new
         // The reply hands the slot back to ce: only once the copies are done.
         const patchList = this.patchList(patches, slot);
-        await this.ctx.wait(this.ctx.d2d(this.params!, slot, copies), { timeoutMs: OP_TIMEOUT_MS, what: `copying bucket ${req.bucket}` });
-        if (patches.length) {
-          await this.ctx.wait(this.ctx.bufPatch(this.params!, slot, patchList, Math.min(16, availableParallelism())), {
-            timeoutMs: OP_TIMEOUT_MS,
-            what: `applying ${patches.length} patches of bucket ${req.bucket}`,
-          });
-        }
+        // The copies and the patches write different tensors: they run together.
+        await Promise.all([
+          this.ctx.wait(this.ctx.d2d(this.params!, slot, copies), { timeoutMs: OP_TIMEOUT_MS, what: `copying bucket ${req.bucket}` }),
+          patches.length
+            ? this.ctx.wait(this.ctx.bufPatch(this.params!, slot, patchList, Math.min(16, availableParallelism())), {
+                timeoutMs: OP_TIMEOUT_MS,
+                what: `applying ${patches.length} patches of bucket ${req.bucket}`,
+              })
+            : undefined,
+        ]);
         break;
       }
       case "release":

@@ -132,7 +132,7 @@ for (const { backend, skip, why } of backends) {
       expect(ctx.stats()).toMatchObject({ regions: 0, pinnedBytes: 0, bufs: 0, ops: 0 });
     });
 
-    test("a buffer's digests equal the digests of the bytes copied into it (GPU: read back in rounds)", { timeout: 300_000 }, async () => {
+    test("a buffer's digests equal the digests of the bytes copied into it (GPU: by the kernel, or read back where unaligned)", { timeout: 300_000 }, async () => {
       const f = files[0]!; // larger than two 64 MiB read-back rounds on a GPU
       const m = ctx.regionMapFile(f.path, { pin: true, threads: 4 });
       await ctx.wait(m.op, { timeoutMs: 120_000, what: "pinning" });
@@ -145,9 +145,67 @@ for (const { backend, skip, why } of backends) {
         const r = await ctx.bufDigest(buf, BigUint64Array.from(spans.flatMap(([o, n]) => [BigInt(o), BigInt(n)])), { threads: 4, timeoutMs: 120_000 });
         const want = spans.map(([o, n]) => (n === 0 ? digestBytes(new Uint8Array(0)) : digestBytes(f.data.subarray(o - 3, o - 3 + n))));
         expect(r.digests).toEqual(want);
+        // Every span 4-aligned: on a GPU, libce's digest kernel sums them where they lie.
+        const aligned: [number, number][] = [[4, n - 1], [4, 0], [256, 5 * MiB + 2], [1024, 3], [8, 40_001], [4 + 4 * Math.floor(n * 0.1), Math.floor(n * 0.5) + 1]];
+        const k = await ctx.bufDigest(buf, BigUint64Array.from(aligned.flatMap(([o, n]) => [BigInt(o), BigInt(n)])), { threads: 4, timeoutMs: 120_000 });
+        expect(k.digests).toEqual(aligned.map(([o, n]) => digestBytes(f.data.subarray(o - 3, o - 3 + n))));
       } finally {
         buf.close();
         await ctx.wait(ctx.regionRelease(m.region), { timeoutMs: 60_000, what: "release" });
+      }
+    });
+
+    test("patches of 1-, 2-, 4- and 8-byte elements apply into a buffer; a position past its tensor fails naming patch and entry", { timeout: 120_000 }, async () => {
+      const rand = rng(77);
+      const tensorBytes = 3 * MiB;
+      const es = [1, 2, 4, 8];
+      const want = randomBytes(es.length * tensorBytes, 5);
+      const before = want.slice();
+      // The slot: each patch's int32 positions, then (256-aligned) its values, as ce lays them out.
+      const slotData = new Uint8Array(es.length * (tensorBytes + 4 * MiB));
+      const view = new DataView(slotData.buffer);
+      const list: bigint[] = [];
+      let at = 0;
+      es.forEach((e, t) => {
+        const elems = tensorBytes / e;
+        // Distinct, increasing positions, as libce's encoding writes them: about one element in three.
+        const positions: number[] = [];
+        for (let p = Math.floor(rand() * 3); p < elems; p += 1 + Math.floor(rand() * 5)) positions.push(p);
+        const count = positions.length;
+        const pos = at;
+        const vals = pos + Math.ceil((4 * count) / 256) * 256;
+        positions.forEach((p, k) => {
+          view.setInt32(pos + 4 * k, p, true);
+          for (let b = 0; b < e; b++) slotData[vals + k * e + b] = Math.floor(rand() * 256);
+          want.set(slotData.subarray(vals + k * e, vals + (k + 1) * e), t * tensorBytes + p * e);
+        });
+        list.push(BigInt(t * tensorBytes), BigInt(tensorBytes), BigInt(pos), BigInt(vals), BigInt(count), BigInt(e));
+        at = Math.ceil((vals + count * e) / 256) * 256;
+      });
+      const reg = ctx.regionAlloc(before.length + slotData.length);
+      await ctx.wait(reg.op, { timeoutMs: 60_000, what: "allocating" });
+      ctx.regionWrite(reg.region, 0, before);
+      ctx.regionWrite(reg.region, before.length, slotData);
+      const params = ctx.bufAlloc(0, before.length, { ipc: false });
+      const slot = ctx.bufAlloc(0, slotData.length, { ipc: false });
+      try {
+        const h = ctx.h2d(params, BigUint64Array.from([BigInt(reg.region), 0n, 0n, BigInt(before.length)]));
+        await ctx.wait(h, { timeoutMs: 60_000, what: "H2D params" });
+        await ctx.wait(ctx.h2d(slot, BigUint64Array.from([BigInt(reg.region), BigInt(before.length), 0n, BigInt(slotData.length)])), { timeoutMs: 60_000, what: "H2D slot" });
+        await ctx.wait(ctx.bufPatch(params, slot, BigUint64Array.from(list), 4), { timeoutMs: 60_000, what: "patching" });
+        const got = params.read(0, before.length);
+        expect(Buffer.from(got).equals(Buffer.from(want))).toBe(true);
+        // Entry 5 of patch 1 (2-byte elements) points past its tensor.
+        view.setInt32(Number(list[6 + 2]) + 4 * 5, tensorBytes / 2, true);
+        ctx.regionWrite(reg.region, before.length, slotData);
+        await ctx.wait(ctx.h2d(slot, BigUint64Array.from([BigInt(reg.region), BigInt(before.length), 0n, BigInt(slotData.length)])), { timeoutMs: 60_000, what: "H2D slot" });
+        const err = await ctx.wait(ctx.bufPatch(params, slot, BigUint64Array.from(list), 4), { timeoutMs: 60_000, what: "patching" }).catch((e: Error) => e);
+        expect(err).toBeInstanceOf(NativeError);
+        expect((err as Error).message).toMatch(/patch 1, entry 5: position .*past the tensor's 1572864 elements/);
+      } finally {
+        params.close();
+        slot.close();
+        await ctx.wait(ctx.regionRelease(reg.region), { timeoutMs: 60_000, what: "release" });
       }
     });
 
