@@ -187,6 +187,8 @@ export interface UpdateSizingInput {
   slots?: number;
   /** The source is still arriving (a pool's version being pushed): buckets of at most STREAM_BUCKET_BYTES when sized automatically. */
   streaming?: boolean;
+  /** Size the buffers for these tensors instead (a delta: the whole version's, so it keeps a full update's buffers). */
+  sizeFor?: TensorRef[];
 }
 
 /**
@@ -208,8 +210,9 @@ const TAIL_SPLIT = 4;
 /** Sizes and plans one update: buffers never outnumber the buckets they would hold. */
 export function planUpdate(input: UpdateSizingInput): UpdatePlan {
   const cpu = input.backend === "cpu";
-  const largest = input.tensors.reduce((m, t) => Math.max(m, t.nbytes), 0);
-  const totalBytes = input.tensors.reduce((s, t) => s + t.nbytes, 0);
+  const sized = input.sizeFor ?? input.tensors;
+  const largest = sized.reduce((m, t) => Math.max(m, t.nbytes), 0);
+  const totalBytes = sized.reduce((s, t) => s + t.nbytes, 0);
   const size = autoSize({
     freeBytes: input.freeBytes,
     totalBytes,
@@ -223,7 +226,14 @@ export function planUpdate(input: UpdateSizingInput): UpdatePlan {
   });
   const perRank = input.perRank ?? (input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);
   // A quarter-size last bucket: its reload is the update's tail, overlapped by nothing.
-  const plan = planBuckets({ perRank, bucketBytes: size.bucketBytes, tailBucketBytes: Math.ceil(size.bucketBytes / TAIL_SPLIT) });
+  const cut = (ranks: TensorRef[][]) => planBuckets({ perRank: ranks, bucketBytes: size.bucketBytes, tailBucketBytes: Math.ceil(size.bucketBytes / TAIL_SPLIT) });
+  const plan = cut(perRank);
+  if (input.sizeFor) {
+    // Slots as large and as many as the whole version's plan has.
+    const whole = cut(input.broadcast ? spreadOverRanks(input.sizeFor, input.ndev) : [input.sizeFor]);
+    const n = Math.max(1, whole.buckets.length);
+    return { plan: { ...plan, slotBytes: Math.max(plan.slotBytes, whole.slotBytes) }, slots: Math.min(size.slots, n), staging: Math.min(size.staging, n), fallbacks: size.fallbacks };
+  }
   const n = Math.max(1, plan.buckets.length);
   return { plan, slots: Math.min(size.slots, n), staging: Math.min(size.staging, n), fallbacks: size.fallbacks };
 }

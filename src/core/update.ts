@@ -178,10 +178,13 @@ export class UpdateSession {
 
   /** Sizes and plans an update of reg on this session's devices. Pure apart from reading free memory. */
   plan(reg: Registration, req: { bucketBytes?: number; slots?: number; source?: StreamingSource; delta?: DeltaRequest }): UpdatePlan {
-    const tensors = req.delta?.tensors ?? tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
+    const full = tensorRefs(reg.ckpt).map((t) => ({ ...t, region: reg.files[t.region]!.region }));
+    const tensors = req.delta?.tensors ?? full;
     return planUpdate({
       backend: this.ctx.backend,
       tensors,
+      // A delta moves through the buffers a full update of the version keeps: no new ones, no worker re-opening its mapping.
+      sizeFor: req.delta ? full : undefined,
       ndev: this.devices.length,
       broadcast: this.broadcast,
       freeBytes: this.freeBytes(),

@@ -575,6 +575,16 @@ describe("planUpdate and fewerBuffers: the one place sizes are decided", () => {
     expect(u.staging).toBe(1);
   });
 
+  test("a delta (few small tensors) moves through the buffers of its whole version: same slot size, slots and staging", () => {
+    const whole = tensors(Array(64).fill(128 * MiB));
+    for (const broadcast of [false, true]) {
+      const full = planUpdate({ backend: "cuda", tensors: whole, ndev: 2, broadcast, freeBytes: 60 * GiB });
+      const delta = planUpdate({ backend: "cuda", tensors: tensors([3 * MiB, MiB]), sizeFor: whole, ndev: 2, broadcast, freeBytes: 60 * GiB });
+      expect(delta.plan.buckets.length).toBeLessThanOrEqual(2);
+      expect({ slotBytes: delta.plan.slotBytes, slots: delta.slots, staging: delta.staging }).toEqual({ slotBytes: full.plan.slotBytes, slots: full.slots, staging: full.staging });
+    }
+  });
+
   test("fewerBuffers gives up staging first, then slots, and stops at one slot and one staging buffer", () => {
     const steps: [number, number][] = [];
     let b: { slots: number; staging: number } | undefined = { slots: 3, staging: 2 };
