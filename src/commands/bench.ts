@@ -13,7 +13,7 @@ import { synthesize } from "../checkpoint/synth";
 import { formatBytes, formatSeconds, gbps } from "../base/units";
 import type { UpdateSummary } from "../core/update";
 import { deviceArgs, outputArgs, planArgs, planOptions, updaterOptions } from "./_args";
-import { deltaBench, deltaTable } from "./_delta-bench";
+import { deltaBench, deltaTable, parseFractions } from "./_delta-bench";
 import { poolBench, poolTable } from "./_pool-bench";
 import { type Stats, stats } from "../bench/stats";
 
@@ -59,8 +59,8 @@ export default defineCommand({
     },
     delta: {
       type: "string",
-      description: "delta updates of a resident pool: version 2 changes this fraction of the values of most tensors (0.01 = 1%); reports the compare's rate, bytes moved and time against a dense update of the same version",
-      valueHint: "FRACTION",
+      description: "delta updates of a resident pool: each version changes this fraction of the values of most tensors (0.01 = 1%; several: 0.001,0.01,0.1); reports the compare's rate, bytes moved and time against a dense update of the same version",
+      valueHint: "FRACTION[,FRACTION...]",
     },
     "pool-slots": { type: "string", description: "with --pool: the pool's version slots (1 fits a model whose two copies do not fit in host memory; no rollback then)", default: "2", valueHint: "K" },
     "trainer-device": { type: "string", description: "with --pool: where the trainer's state dict lives (default: the first GPU, or cpu)", valueHint: "cuda:N|cpu" },
@@ -77,9 +77,10 @@ export default defineCommand({
     let up: Updater | undefined;
     const stopCleanup = cleanupOnSignal(() => up);
     if (args.delta !== undefined) {
+      const fractions = parseFractions(args.delta);
       try {
         up = await openUpdater(options);
-        const result = await deltaBench(up, { model: args.model, fraction: Number(args.delta), timeoutMs, bucketBytes, slots });
+        const result = await deltaBench(up, { model: args.model, fractions, timeoutMs, bucketBytes, slots });
         if (args.json) writeJson({ ok: true, ...result });
         else process.stdout.write(deltaTable(result));
       } finally {
