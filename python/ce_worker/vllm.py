@@ -86,9 +86,14 @@ class CeWorkerExtension:
             uuid = device_uuid(device)
             endpoint = _ce_endpoint(endpoints, uuid)
             updater = _CeUpdater(self, device)
+            # vLLM's loaders fuse and transform weights, so a patch has no tensor to land in. An engine
+            # whose parameters carry the checkpoint's names unchanged says so with ce_delta_params()
+            # (name -> tensor); ce's delta updates then apply into those.
+            delta_params = getattr(self, "ce_delta_params", None)
             summary = update_weights_from_ipc(endpoint, updater.load, updater.finish, device=device,
                                               op_timeout_s=op_timeout_s, expect_uuid=uuid,
-                                              start_hook=updater.start, abort_hook=updater.abort)
+                                              start_hook=updater.start, abort_hook=updater.abort,
+                                              params=delta_params() if callable(delta_params) else None)
             summary["path"] = updater.path
         except Exception as e:
             log.exception("ce update on %s failed", uuid or "this worker")

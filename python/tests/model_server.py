@@ -289,6 +289,10 @@ class StandInWorker:
         self.speculative_config = None
         self.model_runner = SimpleNamespace(model=model)
 
+    def ce_delta_params(self) -> Dict[str, torch.Tensor]:
+        """This model's parameters carry the checkpoint's names: delta patches apply into them."""
+        return self.model_runner.model.params
+
 
 def extended_worker_class() -> type:
     """vLLM's injection (worker_base.py): no attribute clash, then the extension joins the bases."""

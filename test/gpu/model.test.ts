@@ -235,5 +235,37 @@ for (const c of CASES) {
         await serve.exited;
       }
     }, 600_000);
+
+    test("a chain of delta updates (1% of the values of most tensors each) ends bit-equal to the last version; its logits equal a direct load of it", async () => {
+      const socket = join(dir, "serve-delta.sock");
+      const last = join(dir, "chain-last");
+      const chain = c.device === "cuda" ? 20 : 6;
+      const serve = Bun.spawn(
+        [...ceCommand(), "serve", "--socket", socket, "--engine", "external", "--endpoint", server.rpcUrl, "--device", c.device, "--devices", "1", "--bucket-size", c.bucketSize, "--delta", "--json"],
+        { stdin: "ignore", stdout: "pipe", stderr: "pipe", env: { ...process.env, CE_OP_TIMEOUT: "30s" } },
+      );
+      try {
+        const reader = serve.stdout.getReader();
+        await reader.read(); // the listening line
+        reader.releaseLock();
+        const cmd = [py.python, TRAINER, "--socket", socket, "--pool", "chain", "--seed", "5", "--version", "1", "--device", device, "--create", "--chain", String(chain), "--fraction", "0.01", "--write-last", last, ...(c.kind === "tiny" ? ["--tiny"] : [])];
+        const r = await runToEnd(cmd, "the delta chain", 300_000);
+        if (r.code !== 0) throw new Error(`the trainer failed (exit ${r.code}): ${r.stderr}\nengine log:\n${server.logTail()}`);
+        const replies = r.stdout.trim().split("\n").map((l) => JSON.parse(l) as { version?: number; delta?: { bytes: number; fullBytes: number; sparse: number }; verified?: number | null });
+        expect(replies).toHaveLength(chain + 1);
+        const deltas = replies.slice(1);
+        for (const [k, u] of deltas.entries()) {
+          expect({ version: u.version, delta: u.delta !== undefined }).toEqual({ version: k + 2, delta: true });
+          expect(u.delta!.bytes).toBeLessThan(u.delta!.fullBytes / 5);
+          expect(u.delta!.sparse).toBeGreaterThan(0);
+        }
+        const want = checkpointSha(join(last, "model.safetensors"));
+        expect(await server.stateSha()).toEqual(want);
+        expectSameLogits(await server.logits(), await referenceLogits(py.python, last, c.kind, device), "after the delta chain");
+      } finally {
+        serve.kill("SIGTERM");
+        await serve.exited;
+      }
+    }, 600_000);
   });
 }
