@@ -284,12 +284,9 @@ export class Cluster {
     // ends the pull within three heartbeats rather than at the read deadline.
     const stop = new AbortController();
     const watched = hosts.filter((h) => sources.includes(h.rank) || targets.includes(h.rank));
-    const watch = setInterval(() => {
-      for (const h of watched) {
-        const quiet = performance.now() - h.lastSeenMs;
-        if (quiet > 3 * this.#opts.heartbeatMs && !stop.signal.aborted) stop.abort(new CeError("E_CLUSTER_HOST_MISSING", `host ${h.rank} stopped answering ${(quiet / 1000).toFixed(1)} s ago`));
-      }
-    }, this.#opts.heartbeatMs);
+    const watch = watchSilence(watched, this.#opts.heartbeatMs, (h, err) => {
+      if (!stop.signal.aborted) stop.abort(err);
+    });
     stop.signal.addEventListener("abort", () => {
       for (const t of targets) {
         if (t !== 0) void this.#link.request(t, "abort", { updateId, reason: errorMessage(stop.signal.reason) }, { timeoutMs: 5_000 }).catch(() => undefined);
@@ -353,17 +350,10 @@ export class Cluster {
     // A host that goes silent ends the wait for its share (and, through stop, every share); a live
     // host is waited for until its share has ended, recovery included, so the next update finds it idle.
     const silent = new Map(hosts.map((h) => [h.rank, new AbortController()]));
-    const watch = setInterval(() => {
-      const now = performance.now();
-      for (const h of hosts) {
-        const quiet = now - h.lastSeenMs;
-        if (quiet > 3 * this.#opts.heartbeatMs) {
-          const err = new CeError("E_CLUSTER_HOST_MISSING", `host ${h.rank} stopped answering ${(quiet / 1000).toFixed(1)} s ago`);
-          silent.get(h.rank)!.abort(err);
-          stop.abort(err);
-        }
-      }
-    }, this.#opts.heartbeatMs);
+    const watch = watchSilence(hosts, this.#opts.heartbeatMs, (h, err) => {
+      silent.get(h.rank)!.abort(err);
+      stop.abort(err);
+    });
     let aborted = false;
     const abortAll = (err: unknown) => {
       if (aborted) return;
@@ -565,3 +555,21 @@ function decodeShare(b: Record<string, unknown>, payload: Uint8Array[]): Share {
   return { ...s, comm: { ...s.comm, id: new Uint8Array(payload[0]) } };
 }
 
+/**
+ * Calls onSilent for each host quiet for three heartbeats, checked every beat. A tick that comes late
+ * means this host's own loop stalled (a long synchronous call, a starved CPU): what the others sent
+ * meanwhile is not read yet, so that tick judges nobody.
+ */
+function watchSilence(hosts: HostState[], heartbeatMs: number, onSilent: (h: HostState, err: CeError) => void): ReturnType<typeof setInterval> {
+  let last = performance.now();
+  return setInterval(() => {
+    const now = performance.now();
+    const late = now - last > 1.5 * heartbeatMs;
+    last = now;
+    if (late) return;
+    for (const h of hosts) {
+      const quiet = now - h.lastSeenMs;
+      if (quiet > 3 * heartbeatMs) onSilent(h, new CeError("E_CLUSTER_HOST_MISSING", `host ${h.rank} stopped answering ${(quiet / 1000).toFixed(1)} s ago`));
+    }
+  }, heartbeatMs);
+}

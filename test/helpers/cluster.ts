@@ -1,4 +1,4 @@
-// `ce serve` processes as the hosts of one cluster on loopback (CPU backend, reference workers), and
+// `ce serve` processes as the hosts of one cluster on loopback (CPU backend unless said, reference workers), and
 // the HTTP calls the cluster tests make of them. Every wait has a deadline.
 import type { Subprocess } from "bun";
 import { tmpdir } from "node:os";
@@ -15,9 +15,10 @@ export interface Host {
 }
 
 /** Starts host `rank` of an nnodes cluster whose host 0 listens on masterPort (0 for host 0 itself: any port). */
-export async function startHost(rank: number, devices: number, masterPort: number, o: { nnodes: number; env?: Record<string, string> }): Promise<Host> {
+export async function startHost(rank: number, devices: number, masterPort: number, o: { nnodes: number; env?: Record<string, string>; device?: "cpu" | "cuda"; roots?: string[] }): Promise<Host> {
+  const roots = (o.roots ?? [tmpdir()]).flatMap((r) => ["--root", r]);
   const proc = Bun.spawn(
-    [process.execPath, CLI, "serve", "--port", "0", "--device", "cpu", "--devices", String(devices), "--root", tmpdir(), "--json",
+    [process.execPath, CLI, "serve", "--port", "0", "--device", o.device ?? "cpu", "--devices", String(devices), ...roots, "--json",
       "--nnodes", String(o.nnodes), "--node-rank", String(rank), "--master-addr", "127.0.0.1", "--master-port", String(masterPort)],
     {
       stdin: "ignore",
