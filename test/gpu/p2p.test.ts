@@ -1,14 +1,16 @@
 // P2P into a GPU (issue 23) on one GPU host: host 0 holds the version in pinned host memory (CPU
 // backend, its own workers serving), host 1 (the new instance, one GPU, the reference worker) pulls
 // it over UCX with whatever transports UCX picks here, into its GPU worker, verified by digest. The
-// figure printed is the pull's read rate beside the update; a synthetic checkpoint of
-// CE_TEST_P2P_MODEL (default Qwen3-0.6B; Qwen3-8B for the README's figure) is what moves.
+// figures printed are the pull's read rate beside the update, and the transport's own rate between
+// two processes of libce endpoints (host memory to host memory, nothing else running); a synthetic
+// checkpoint of CE_TEST_P2P_MODEL (default Qwen3-0.6B; Qwen3-8B for the README's figure) is what moves.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { dirname } from "node:path";
+import { dirname, join } from "node:path";
 import { synthesize } from "../../src/checkpoint/synth";
 import { probeLibrary } from "../../src/native/libce";
 import { gpu } from "../helpers/gpu";
 import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
+import { startRanks } from "../helpers/native-ranks";
 
 const ucx = (() => {
   try {
@@ -64,4 +66,25 @@ describe.skipIf(skip !== undefined)(`a P2P pull into a GPU worker over UCX (${sk
     },
     900_000,
   );
+
+  test("the transport's own rate: 1 GiB read between two processes' libce endpoints, 16 reads in flight", async () => {
+    const [src, reader] = await startRanks(2, { script: join(import.meta.dir, "../helpers/xfer-peer.ts"), env: { UCX_WARN_UNUSED_ENV_VARS: "n" } });
+    try {
+      const bytes = 1024 ** 3;
+      const s = await src!.ask("source", { bytes, seed: 5 }, 120_000);
+      const c = await reader!.ask("connect", { address: s.address, name: "source" });
+      const piece = bytes / 16;
+      const ops = Array.from({ length: 16 }, (_, i) => [[i * piece, i * piece, piece]]);
+      const runs: number[] = [];
+      for (let k = 0; k < 3; k++) {
+        const r = await reader!.ask("pull", { peer: c.peer, rkey: s.rkey, ops, dstBytes: bytes, srcBytes: bytes, seed: 5, timeoutMs: 120_000 }, 180_000);
+        expect(r).toMatchObject({ ok: true, mismatch: -1 });
+        runs.push(r.gbps as number);
+      }
+      console.log(`UCX between two processes, host to host: ${runs.map((g) => g.toFixed(1)).join(", ")} GB/s (the first pins the reader's region)`);
+    } finally {
+      src!.kill();
+      reader!.kill();
+    }
+  }, 600_000);
 });
