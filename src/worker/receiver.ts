@@ -69,6 +69,8 @@ class Receiver {
   holds: { checkpoint: string; version: number } | undefined;
   /** This session is a delta from the version held at open: patches may apply. */
   deltaApplies = false;
+  /** A verified session's digests of each bucket's tensors, taken as soon as the bucket is in place. */
+  bucketDigests: Promise<Record<string, string>>[] = [];
 
   constructor(readonly ctx: Ctx) {}
 
@@ -140,6 +142,7 @@ class Receiver {
         }
         this.open = req;
         this.received.clear();
+        this.bucketDigests = [];
         // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
         if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
         if (this.holds) reply = { ...reply, ...this.holds };
@@ -178,6 +181,12 @@ class Receiver {
               })
             : undefined,
         ]);
+        // Digested now, beside the next bucket's H2D, rather than all at finish.
+        if (this.open?.verify) {
+          const d = this.digestsOf([...dense.map((t) => t.name), ...patches.map((p) => p.name)]);
+          d.catch(() => undefined); // finish reports it
+          this.bucketDigests.push(d);
+        }
         break;
       }
       case "release":
@@ -216,9 +225,17 @@ class Receiver {
     return out;
   }
 
-  /** The digest of every tensor received this session (after a delta: every tensor held), as its parameter holds it now. */
+  /** The digest of every tensor received this session (after a delta: every tensor held), as its parameter holds it. */
   async digests(): Promise<Record<string, string>> {
     const names = this.open?.delta_from !== undefined ? [...this.layout.keys()] : [...this.received];
+    const taken: Record<string, string> = Object.assign({}, ...(await Promise.all(this.bucketDigests)));
+    // After a delta the tensors it left alone are digested here; everything received already was.
+    const rest = await this.digestsOf(names.filter((n) => taken[n] === undefined));
+    return Object.fromEntries(names.map((n) => [n, taken[n] ?? rest[n]!]));
+  }
+
+  async digestsOf(names: string[]): Promise<Record<string, string>> {
+    if (names.length === 0) return {};
     const spans = new BigUint64Array(names.length * 2);
     names.forEach((n, i) => {
       const p = this.layout.get(n)!;
