@@ -133,14 +133,7 @@ static void *delta_worker(void *arg) {
 /* One pass over every piece on up to job->threads threads (this one included). */
 static void delta_pass(delta_job_t *job) {
   atomic_store(&job->next, 0);
-  uint64_t extra = job->npieces > 1 ? job->npieces - 1 : 0;
-  if (extra > (uint64_t)job->threads - 1) extra = (uint64_t)job->threads - 1;
-  pthread_t th[DELTA_MAX_THREADS];
-  int started = 0;
-  for (; (uint64_t)started < extra; started++)
-    if (pthread_create(&th[started], NULL, delta_worker, job) != 0) break; /* fewer threads: slower, same result */
-  delta_worker(job);
-  for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+  ce_fan_out(job->threads, job->npieces, delta_worker, job);
 }
 
 static int delta_run(ce_op_t *op) {
@@ -207,7 +200,7 @@ static int delta_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, i
     free(regions);
     return ce_fail(CE_E_NOMEM, "%s: out of host memory for %llu spans", what, (unsigned long long)nspans);
   }
-  job->threads = threads < 1 ? 1 : threads > DELTA_MAX_THREADS ? DELTA_MAX_THREADS : threads;
+  job->threads = threads; /* ce_fan_out bounds it */
   job->encode = encode;
   job->nspans = nspans;
   uint32_t nregions = 0;

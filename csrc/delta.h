@@ -7,8 +7,6 @@
 
 #include <string.h>
 
-#define DELTA_MAX_THREADS 64
-
 static inline int elem_ok(uint64_t es, uint64_t bytes) { return (es == 1 || es == 2 || es == 4 || es == 8) && bytes % es == 0; }
 
 static inline uint32_t load_le32u(const uint8_t *p) {

@@ -22,7 +22,6 @@
 /* A thread takes the spans in pieces of this many words (16 MiB): enough to amortize, small
  * enough that one large tensor spreads over every thread. */
 #define PIECE_WORDS (4ull << 20)
-#define MAX_THREADS 64
 
 static inline int32_t load_le32(const uint8_t *p) {
   uint32_t v;
@@ -144,15 +143,7 @@ static void *digest_worker(void *arg) {
 static void digest_pieces(digest_job_t *job, uint64_t begin, uint64_t end) {
   atomic_store(&job->next, begin);
   job->end = end;
-  uint64_t n = end - begin;
-  uint64_t extra = n > 1 ? n - 1 : 0;
-  if (extra > (uint64_t)job->threads - 1) extra = (uint64_t)job->threads - 1;
-  pthread_t th[MAX_THREADS];
-  int started = 0;
-  for (; (uint64_t)started < extra; started++)
-    if (pthread_create(&th[started], NULL, digest_worker, job) != 0) break; /* fewer threads: slower, same result */
-  digest_worker(job);
-  for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+  ce_fan_out(job->threads, end - begin, digest_worker, job);
 }
 
 /* Bytes read back from a GPU per round: two rounds alternate, one copying while the other is digested. */
@@ -304,7 +295,7 @@ static digest_job_t *digest_job_new(uint64_t nspans, int threads, uint64_t after
   digest_job_t *job = calloc(1, sizeof *job);
   if (!job) return NULL;
   job->after = after;
-  job->threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+  job->threads = threads; /* ce_fan_out bounds it */
   job->nspans = nspans;
   job->spans = calloc(nspans ? nspans : 1, sizeof *job->spans);
   job->digests = calloc(nspans ? nspans : 1, sizeof *job->digests);

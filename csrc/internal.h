@@ -179,6 +179,10 @@ void ce_op_discard(ce_op_t *op);
 /* A thread op that owns `job` (freed when the op is collected). job NULL (a failed malloc) or no
  * op to be had: frees job, sets the last error, returns NULL. */
 ce_op_t *ce_op_new_thread(ce_ctx_t *ctx, void *job, uint64_t *id_out);
+/* Runs worker(arg) on this thread and on up to threads - 1 more (at most items - 1 more: one per item
+ * beyond the first), joined before it returns. The worker takes items until none are left, so a
+ * thread that cannot be started only leaves its share to the others: slower, same result. */
+void ce_fan_out(int threads, uint64_t items, void *(*worker)(void *), void *arg);
 /* Runs fn on the op's own thread and publishes id in *op_out; on failure discards the op. */
 int ce_op_run(ce_op_t *op, ce_job_fn fn, uint64_t id, uint64_t *op_out);
 /* Marks a region / buffer in use by the op until it is collected. */

@@ -361,3 +361,17 @@ void ce_ops_free(ce_ctx_t *ctx) {
   ctx->ops = NULL;
   ctx->nops = 0;
 }
+
+#define FAN_OUT_MAX 64
+
+void ce_fan_out(int threads, uint64_t items, void *(*worker)(void *), void *arg) {
+  uint64_t extra = items > 1 ? items - 1 : 0;
+  if (threads > FAN_OUT_MAX) threads = FAN_OUT_MAX;
+  if (extra > (uint64_t)(threads > 1 ? threads - 1 : 0)) extra = threads > 1 ? (uint64_t)threads - 1 : 0;
+  pthread_t th[FAN_OUT_MAX];
+  int started = 0;
+  for (; (uint64_t)started < extra; started++)
+    if (pthread_create(&th[started], NULL, worker, arg) != 0) break;
+  worker(arg);
+  for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+}

@@ -111,14 +111,7 @@ static int patch_gpu(ce_op_t *op, patch_job_t *job) {
 static int patch_run(ce_op_t *op) {
   patch_job_t *job = op->job_arg;
   if (job->gpu) return patch_gpu(op, job);
-  uint64_t extra = job->npieces > 1 ? job->npieces - 1 : 0;
-  if (extra > (uint64_t)job->threads - 1) extra = (uint64_t)job->threads - 1;
-  pthread_t th[DELTA_MAX_THREADS];
-  int started = 0;
-  for (; (uint64_t)started < extra; started++)
-    if (pthread_create(&th[started], NULL, patch_worker, job) != 0) break;
-  patch_worker(job);
-  for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+  ce_fan_out(job->threads, job->npieces, patch_worker, job);
   if (atomic_load(&job->bad))
     return ce_op_fail(op, CE_E_INVAL, "patch %llu, entry %llu: position %llu is past the tensor's %llu elements",
                       (unsigned long long)job->bad_patch, (unsigned long long)job->bad_entry, (unsigned long long)job->bad_pos,
@@ -143,7 +136,7 @@ int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint6
     patch_job_free(job);
     return ce_fail(CE_E_NOMEM, "%s: out of host memory for %llu patches", what, (unsigned long long)npatches);
   }
-  job->threads = threads < 1 ? 1 : threads > DELTA_MAX_THREADS ? DELTA_MAX_THREADS : threads;
+  job->threads = threads; /* ce_fan_out bounds it */
   job->gpu = ce_buf_on_host(dst) ? NULL : dst;
   job->npatches = npatches;
   uint64_t npieces = 0;
