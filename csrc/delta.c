@@ -52,14 +52,19 @@ typedef struct {
 typedef struct {
   uint32_t span;
   uint64_t e0, n; /* elements [e0, e0 + n) of the span */
-  uint64_t count; /* changed elements in it (first pass) */
+  uint64_t count; /* changed elements in it */
   uint64_t at;    /* encode: its first entry's index in the span's patch */
+  /* encode: its entries, written in the one pass over both versions, then copied into place once
+   * every piece's count (so where its entries start) is known */
+  uint8_t *pos, *val;
+  uint64_t cap;
 } xpiece_t;
 
 typedef struct {
   int threads;
   int encode;
-  int writing; /* the encode's second pass */
+  int placing; /* the encode's second pass: each piece's entries copied into the patch */
+  _Atomic int oom; /* an encode piece could not grow its entries */
   uint64_t nspans, npieces;
   xspan_t *spans;
   xpiece_t *pieces;
@@ -70,6 +75,7 @@ typedef struct {
 static void delta_job_free(void *p) {
   delta_job_t *job = p;
   if (!job) return;
+  for (uint64_t i = 0; job->pieces && i < job->npieces; i++) free(job->pieces[i].pos), free(job->pieces[i].val);
   free(job->spans);
   free(job->pieces);
   free(job->counts);
@@ -88,29 +94,52 @@ static uint64_t count_piece(const uint8_t *a, const uint8_t *b, uint64_t n, uint
   return c;
 }
 
-/* Writes the patch entries of one piece: positions e0 + k of changed elements, and their new bytes. */
-static void encode_piece(const xspan_t *s, const xpiece_t *pc) {
+/* Room for k more entries in a piece's own arrays; 0 when out of memory. */
+static int piece_room(xpiece_t *pc, uint32_t es, uint64_t k) {
+  if (pc->count + k <= pc->cap) return 1;
+  uint64_t cap = pc->cap ? 2 * pc->cap : 1024;
+  while (cap < pc->count + k) cap *= 2;
+  if (cap > pc->n) cap = pc->n;
+  uint8_t *pos = realloc(pc->pos, 4 * cap), *val = pos ? realloc(pc->val, es * cap) : NULL;
+  if (pos) pc->pos = pos;
+  if (!pos || !val) return 0;
+  pc->val = val;
+  pc->cap = cap;
+  return 1;
+}
+
+/* Appends the changed element e of the piece (position e0 + e, its new bytes at b). */
+static inline void piece_put(xpiece_t *pc, uint32_t es, uint64_t e, const uint8_t *b) {
+  store_le32(pc->pos + 4 * pc->count, (uint32_t)(pc->e0 + e));
+  memcpy(pc->val + es * pc->count, b, es);
+  pc->count++;
+}
+
+/* One piece's patch entries, found in one pass over both versions, into the piece's own arrays. */
+static int encode_piece(const xspan_t *s, xpiece_t *pc) {
   uint32_t es = s->es;
   const uint8_t *a = s->old + pc->e0 * es, *b = s->cur + pc->e0 * es;
-  uint8_t *pos = s->pos + 4 * pc->at, *val = s->val + (uint64_t)es * pc->at;
   uint64_t bytes = pc->n * es, i = 0;
+  uint64_t lane = es == 8 ? ~0ull : (1ull << (8 * es)) - 1;
   for (; i + 8 <= bytes; i += 8) {
-    if (load64(a + i) == load64(b + i)) continue;
+    uint64_t d = load64(a + i) ^ load64(b + i);
+    if (!d) continue;
+    if (!piece_room(pc, es, 8 / es)) return 0;
     for (uint32_t j = 0; j < 8; j += es) {
-      if (memcmp(a + i + j, b + i + j, es) == 0) continue;
-      store_le32(pos, (uint32_t)(pc->e0 + (i + j) / es));
-      memcpy(val, b + i + j, es);
-      pos += 4;
-      val += es;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+      int changed = memcmp(a + i + j, b + i + j, es) != 0;
+#else
+      int changed = ((d >> (8 * j)) & lane) != 0; /* byte j of the word is bits 8j .. 8j+7 */
+#endif
+      if (changed) piece_put(pc, es, (i + j) / es, b + i + j);
     }
   }
   for (uint64_t e = i / es; e < pc->n; e++) {
     if (memcmp(a + e * es, b + e * es, es) == 0) continue;
-    store_le32(pos, (uint32_t)(pc->e0 + e));
-    memcpy(val, b + e * es, es);
-    pos += 4;
-    val += es;
+    if (!piece_room(pc, es, 1)) return 0;
+    piece_put(pc, es, e, b + e * es);
   }
+  return 1;
 }
 
 static void *delta_worker(void *arg) {
@@ -120,8 +149,13 @@ static void *delta_worker(void *arg) {
     if (i >= job->npieces) break;
     xpiece_t *pc = &job->pieces[i];
     xspan_t *s = &job->spans[pc->span];
-    if (job->writing) {
-      encode_piece(s, pc);
+    if (job->placing) {
+      if (pc->count) memcpy(s->pos + 4 * pc->at, pc->pos, 4 * pc->count), memcpy(s->val + (uint64_t)s->es * pc->at, pc->val, (uint64_t)s->es * pc->count);
+      free(pc->pos), free(pc->val);
+      pc->pos = pc->val = NULL;
+    } else if (job->encode) {
+      if (!encode_piece(s, pc)) atomic_store(&job->oom, 1);
+      atomic_fetch_add(&s->count, pc->count);
     } else {
       pc->count = count_piece(s->old + pc->e0 * s->es, s->cur + pc->e0 * s->es, pc->n, s->es);
       atomic_fetch_add(&s->count, pc->count);
@@ -140,6 +174,7 @@ static int delta_run(ce_op_t *op) {
   delta_job_t *job = op->job_arg;
   delta_pass(job);
   for (uint64_t s = 0; s < job->nspans; s++) job->counts[s] = atomic_load(&job->spans[s].count);
+  if (atomic_load(&job->oom)) return ce_op_fail(op, CE_E_NOMEM, "ce_delta_encode_submit: out of host memory for the patches' entries");
   if (job->encode) {
     /* Each piece's entries start where the pieces before it in its span end. */
     uint64_t span = UINT64_MAX, at = 0;
@@ -153,7 +188,7 @@ static int delta_run(ce_op_t *op) {
       if (job->counts[s] != job->spans[s].want)
         return ce_op_fail(op, CE_E_STATE, "ce_delta_encode_submit: span %llu has %llu changed elements, sized for %llu: a version changed after it was compared",
                           (unsigned long long)s, (unsigned long long)job->counts[s], (unsigned long long)job->spans[s].want);
-    job->writing = 1;
+    job->placing = 1;
     delta_pass(job);
   }
   op->value = job->nspans;
@@ -249,7 +284,7 @@ static int delta_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, i
   }
   for (uint64_t s = 0; s < nspans; s++) {
     uint64_t elems = job->spans[s].bytes / job->spans[s].es, per = PIECE_BYTES / job->spans[s].es;
-    for (uint64_t e = 0; e < elems; e += per) job->pieces[job->npieces++] = (xpiece_t){(uint32_t)s, e, elems - e < per ? elems - e : per, 0, 0};
+    for (uint64_t e = 0; e < elems; e += per) job->pieces[job->npieces++] = (xpiece_t){(uint32_t)s, e, elems - e < per ? elems - e : per, 0, 0, NULL, NULL, 0};
   }
   uint64_t id;
   ce_op_t *op = ce_op_new(ctx, OP_THREAD, &id);
