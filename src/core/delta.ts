@@ -97,20 +97,28 @@ export interface PlacedTensor {
 /**
  * Compares version `base` (region oldRegion) with the new one (newRegion), both laid out as
  * `layout`, and encodes the patches. The caller keeps both regions from being rewritten meanwhile.
+ * `counted`: each tensor's changed elements, counted already (a pool does it as a version arrives),
+ * and what that took; the compare is then not repeated.
  */
 export async function computeDelta(
   ctx: Ctx,
-  o: { layout: PlacedTensor[]; base: number; oldRegion: number; newRegion: number; threads?: number },
+  o: { layout: PlacedTensor[]; base: number; oldRegion: number; newRegion: number; threads?: number; counted?: { counts: number[]; seconds: number } },
 ): Promise<Delta> {
   const threads = o.threads ?? digestThreads();
   const { layout } = o;
   // Sub-byte and odd dtypes are compared as bytes: enough to know whether they changed (they go dense).
   const es = layout.map((t) => elementBytes(t.dtype) ?? 1);
-  const spans = new BigUint64Array(layout.length * 6);
-  layout.forEach((t, i) => spans.set([BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(es[i]!)], 6 * i));
-  const t0 = performance.now();
-  const { counts } = await ctx.deltaCount(spans, { threads, timeoutMs: OP_TIMEOUT_MS });
-  const compareSeconds = (performance.now() - t0) / 1000;
+  let counts: number[];
+  let compareSeconds: number;
+  if (o.counted) {
+    ({ counts, seconds: compareSeconds } = o.counted);
+  } else {
+    const spans = new BigUint64Array(layout.length * 6);
+    layout.forEach((t, i) => spans.set([BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(es[i]!)], 6 * i));
+    const t0 = performance.now();
+    ({ counts } = await ctx.deltaCount(spans, { threads, timeoutMs: OP_TIMEOUT_MS }));
+    compareSeconds = (performance.now() - t0) / 1000;
+  }
   const plan = planDelta(layout, counts);
 
   let scratch: number | undefined;
@@ -166,6 +174,7 @@ export async function computeDelta(
     fullBytes,
     compareSeconds,
     compareGbps: compareSeconds > 0 ? fullBytes / compareSeconds / 1e9 : 0,
+    compared: o.counted ? "while arriving" : "at update",
     encodeSeconds,
   };
   log.debug(

@@ -20,6 +20,8 @@ export interface DeltaSummary {
   compareSeconds: number;
   /** one version's bytes compared per second (both versions are read) */
   compareGbps: number;
+  /** when: while the version's bytes arrived (off the update's path), or when the update was asked for */
+  compared: "while arriving" | "at update";
   encodeSeconds: number;
 }
 

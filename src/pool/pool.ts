@@ -2,7 +2,9 @@
 // and K slots of pinned host memory, each a shared-memory file that a trainer maps and writes its
 // state dict into (or that ce fills from files). A slot holds one version at a time; a version is
 // written, then published (its digests complete), then updated into the engines. Digests are taken
-// while the bytes arrive: each tensor as soon as the writer says the bytes up to its end are in.
+// while the bytes arrive: each tensor as soon as the writer says the bytes up to its end are in. With
+// countDeltas, so are the counts of what changed against the version serving when the push began, so
+// that a delta update from it need not compare the two versions first.
 import { closeSync, ftruncateSync, openSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { CeError, InputError, errorMessage } from "../base/errors";
@@ -10,8 +12,9 @@ import { logger } from "../base/log";
 import type { Checkpoint } from "../checkpoint/checkpoint";
 import { digestThreads, pinThreads, type Registration } from "../checkpoint/registry";
 import type { TensorMeta } from "../checkpoint/safetensors";
+import { elementBytes } from "../checkpoint/safetensors";
 import { type Ctx, formatDigest } from "../native/ce";
-import { type Layout, type LayoutTensor, layoutDifference, placeLayout } from "./layout";
+import { type Layout, type LayoutTensor, type PlacedTensor, layoutDifference, placeLayout } from "./layout";
 
 const log = logger("pool");
 
@@ -33,6 +36,12 @@ export interface PoolVersion {
   digests: Map<string, string>;
   /** summed wall seconds of the digest ops */
   digestSeconds: number;
+  /** countDeltas: the version these counts compare against (the one serving when the push began) */
+  countBase?: number;
+  /** changed elements of each tensor against countBase, as its bytes arrived */
+  counts?: Map<string, number>;
+  /** summed wall seconds of the count ops */
+  countSeconds: number;
 }
 
 /** Resolves once the writer's bytes reach an offset (or the version is dropped). */
@@ -54,6 +63,10 @@ export class Pool {
   readonly #digested = new Map<number, number>(); // version → tensors submitted for digesting
   readonly #waiters = new Map<number, Waiter[]>();
   readonly #abandoned = new Set<number>();
+  /** version → the hold on its countBase's slot while counts are taken */
+  readonly #countHolds = new Map<number, () => void>();
+  /** Count what changed against the serving version while a version's bytes arrive (ce serve --delta). */
+  countDeltas = false;
 
   private constructor(
     private readonly ctx: Ctx,
@@ -91,8 +104,11 @@ export class Pool {
     return new Pool(ctx, o.name, layout, slots);
   }
 
-  /** Hands a slot to a writer for `version`: an empty one, else the oldest version that is neither serving nor read now. */
-  begin(version: number): PoolVersion {
+  /**
+   * Hands a slot to a writer for `version`: an empty one, else the oldest version that is neither
+   * serving nor read now. count false: no counting of changes as it arrives (its update streams whole).
+   */
+  begin(version: number, o: { count?: boolean } = {}): PoolVersion {
     if (this.versions.has(version)) {
       throw new CeError("E_POOL_VERSION_EXISTS", `pool ${this.name} holds version ${version} already`, { hint: `DELETE /v1/pools/${this.name}/versions/${version} first, or push a new version number` });
     }
@@ -116,7 +132,13 @@ export class Pool {
       log.info(`pool ${this.name}: version ${evicted.version} leaves slot ${evicted.slot} for version ${version}`);
       slot = evicted.slot;
     }
-    const v: PoolVersion = { version, slot, state: "writing", written: 0, createdAt: new Date().toISOString(), digests: new Map(), digestSeconds: 0 };
+    const v: PoolVersion = { version, slot, state: "writing", written: 0, createdAt: new Date().toISOString(), digests: new Map(), digestSeconds: 0, countSeconds: 0 };
+    const base = this.serving !== undefined ? this.versions.get(this.serving) : undefined;
+    if (this.countDeltas && (o.count ?? true) && base?.state === "ready" && base.slot !== slot) {
+      v.countBase = base.version;
+      v.counts = new Map();
+      this.#countHolds.set(version, this.reading(base.version)); // no writer takes the base's slot while it is read
+    }
     this.versions.set(version, v);
     this.#pending.set(version, []);
     this.#digested.set(version, 0);
@@ -159,7 +181,11 @@ export class Pool {
   async publish(version: number): Promise<PoolVersion> {
     const v = this.#writing(version);
     this.written(version, this.layout.bytes);
-    await this.digestsOf(version);
+    try {
+      await this.digestsOf(version);
+    } finally {
+      this.#endCounts(version);
+    }
     v.state = "ready";
     v.publishedAt = new Date().toISOString();
     return v;
@@ -209,6 +235,13 @@ export class Pool {
       throw new CeError("E_POOL_DIGEST", `pool ${this.name} version ${version}: tensor ${missing.name} has no digest (its bytes were never written)`);
     }
     return v.digests;
+  }
+
+  /** Changed elements of each tensor (layout order) of `version` against `base`, when they were counted as it arrived. */
+  countsFor(version: number, base: number): number[] | undefined {
+    const v = this.versions.get(version);
+    if (!v?.counts || v.countBase !== base || v.state !== "ready" || v.counts.size !== this.layout.tensors.length) return undefined;
+    return this.layout.tensors.map((t) => v.counts!.get(t.name)!);
   }
 
   /** What an update of `version` reads: the slot's region as one pinned file, and the digests known so far. */
@@ -280,6 +313,7 @@ export class Pool {
     const v = this.get(version);
     if (this.#reading.has(v.slot)) throw new CeError("E_BUSY", `pool ${this.name} version ${version} is being updated into the engines`);
     for (const w of this.#waiters.get(version) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} version ${version} was deleted`));
+    this.#endCounts(version);
     this.versions.delete(version);
     this.#waiters.delete(version);
     this.#pending.delete(version);
@@ -322,6 +356,7 @@ export class Pool {
   async close(): Promise<void> {
     for (const v of [...this.versions.keys()]) {
       await Promise.allSettled(this.#pending.get(v) ?? []);
+      this.#endCounts(v);
       for (const w of this.#waiters.get(v) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} was deleted`));
     }
     this.versions.clear();
@@ -335,7 +370,12 @@ export class Pool {
     return v;
   }
 
-  /** Submits one digest op for the tensors that the written bytes now cover and no op has taken yet. */
+  #endCounts(version: number): void {
+    this.#countHolds.get(version)?.();
+    this.#countHolds.delete(version);
+  }
+
+  /** Submits one digest op (and with countDeltas one count op) for the tensors that the written bytes now cover and no op has taken yet. */
   #digestUpTo(v: PoolVersion): void {
     const from = this.#digested.get(v.version)!;
     let to = from;
@@ -357,6 +397,27 @@ export class Pool {
       v.digestSeconds += (performance.now() - t0) / 1000;
     });
     done.catch((err) => log.warn(`pool ${this.name} version ${v.version}: digests failed: ${errorMessage(err)}`));
+    this.#pending.get(v.version)!.push(done);
+    if (v.countBase !== undefined) this.#countBatch(v, batch);
+  }
+
+  /** Counts the batch's changed elements against the base version; a failure only means the delta compares at update. */
+  #countBatch(v: PoolVersion, batch: PlacedTensor[]): void {
+    const old = this.slots[this.get(v.countBase!).slot]!.region;
+    const cur = this.slots[v.slot]!.region;
+    const spans = new BigUint64Array(batch.length * 6);
+    batch.forEach((t, i) => spans.set([BigInt(old), BigInt(t.offset), BigInt(cur), BigInt(t.offset), BigInt(t.nbytes), BigInt(elementBytes(t.dtype) ?? 1)], 6 * i));
+    const t0 = performance.now();
+    const done = this.ctx
+      .deltaCount(spans, { threads: digestThreads(), timeoutMs: OP_TIMEOUT_MS })
+      .then((r) => {
+        batch.forEach((t, i) => v.counts?.set(t.name, r.counts[i]!));
+        v.countSeconds += (performance.now() - t0) / 1000;
+      })
+      .catch((err) => {
+        log.warn(`pool ${this.name} version ${v.version}: counting changes against version ${v.countBase} failed (a delta will compare at update): ${errorMessage(err)}`);
+        v.counts = undefined;
+      });
     this.#pending.get(v.version)!.push(done);
   }
 }

@@ -58,6 +58,8 @@ export class Pools {
     } finally {
       this.#creating.delete(name);
     }
+    // With deltas on for every pool update, what changed is counted while each version arrives.
+    pool.countDeltas = this.host.opts.delta ?? false;
     this.#pools.set(name, pool);
     return { ...pool.describe(), layout: pool.layout.tensors };
   }
@@ -87,7 +89,7 @@ export class Pools {
     const pool = this.get(name);
     if (path !== undefined) checkUnderRoots(path, this.host.opts.roots);
     const ckpt = path !== undefined ? await openCheckpoint(path) : undefined;
-    const v = pool.begin(version);
+    const v = pool.begin(version, { count: !update });
     if (update) this.#streamUpdate(pool, version, verify);
     const slot = { version, slot: v.slot, path: pool.slots[v.slot]!.path, bytes: pool.layout.bytes };
     if (!ckpt) return { ...slot, layout: pool.layout.tensors };
@@ -201,7 +203,9 @@ export class Pools {
         let delta: Delta | undefined;
         try {
           const region = (v: number) => pool.slots[pool.get(v).slot]!.region;
-          delta = await computeDelta(this.host.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version) });
+          const counts = pool.countsFor(version, base);
+          const counted = counts && { counts, seconds: pool.get(version).countSeconds };
+          delta = await computeDelta(this.host.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version), counted });
           return await this.host.up.session.update({ ...req, delta });
         } catch (err) {
           // A full update is always correct (and verified like the delta would be): the delta only saves bytes.
@@ -217,7 +221,7 @@ export class Pools {
       });
       pool.served(version);
       const d = summary.delta;
-      const how = d ? ` (delta from ${d.base}: ${d.bytes} of ${d.fullBytes} bytes; ${d.same} unchanged, ${d.sparse} sparse, ${d.dense} dense; compared at ${d.compareGbps.toFixed(1)} GB/s)` : "";
+      const how = d ? ` (delta from ${d.base}: ${d.bytes} of ${d.fullBytes} bytes; ${d.same} unchanged, ${d.sparse} sparse, ${d.dense} dense; compared ${d.compared} at ${d.compareGbps.toFixed(1)} GB/s)` : "";
       log.info(`updated ${pool.name}@${version}: ${summary.seconds.toFixed(3)} s, ${summary.gbps.toFixed(1)} GB/s${how}`);
       return summary;
     } catch (err) {

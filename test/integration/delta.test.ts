@@ -105,6 +105,8 @@ for (const worker of ["ref", "python"] as const) {
         expect(d.dense).toBeGreaterThanOrEqual(Math.floor(layout.length / 7) - 1);
         expect(d.same + d.sparse + d.dense).toBe(layout.length);
         expect(second.bytes).toBe(d.bytes);
+        // ce serve --delta counts what changed while the version arrives: the update only encodes.
+        expect(d.compared).toBe("while arriving");
         expect(d.bytes).toBeLessThan(d.fullBytes / 2);
         expect(d.fullBytes).toBe(first.bytes);
         // Every tensor of the version is checked on every worker, the unsent ones too.
@@ -130,10 +132,14 @@ for (const worker of ["ref", "python"] as const) {
             expect((failed as Summary).delta).toBeUndefined();
             continue;
           }
+          // One version pushed without counting as it arrives (a delta asked of a pool that does not count): it compares at update.
+          const pool = daemon.pools.get("policy");
+          pool.countDeltas = n !== fullAt + 1;
           const s = await push(daemon, layout, n, v, n === fullAt ? { delta: false } : {});
+          pool.countDeltas = true;
           expect(s.verified).toBe(layout.length);
           if (n === fullAt) expect(s.delta).toBeUndefined();
-          else expect(s.delta?.base).toBe(n - 1);
+          else expect(s.delta).toMatchObject({ base: n - 1, compared: n === fullAt + 1 ? "at update" : "while arriving" });
         }
         const info = daemon.pools.info("policy") as { serving: number };
         expect(info.serving).toBe(last);
