@@ -21,7 +21,7 @@ type Summary = Omit<UpdateSummary, "trace">;
 
 export interface DeltaRow {
   fraction: number;
-  /** seconds: the update's; totalSeconds: with the compare and the encoding (wherever the compare ran) */
+  /** seconds: the update's; totalSeconds: with the compare and the encoding (wherever they ran) */
   delta: DeltaSummary & { seconds: number; totalSeconds: number };
   dense: { bytes: number; seconds: number };
   /** the dense update's time over the delta's update */
@@ -142,7 +142,7 @@ export function deltaTable(r: DeltaBenchResult): string {
   const d0 = r.rows[0]!.delta;
   const head = [
     `${r.model}: ${formatBytes(d0.fullBytes)}, ${d0.tensors} tensors, on ${r.devices.join(", ")}; every update verified (each tensor's digest on every worker)`,
-    `dense floor ${formatSeconds(r.floor.seconds)} (${r.floor.binding}); in host memory, the compare runs as a version arrives ("arriving"; here at publish, the bench writes the slot whole) or when the update is asked for, the encoding when it is asked for, before it starts`,
+    `dense floor ${formatSeconds(r.floor.seconds)} (${r.floor.binding}); the compare and the encoding run in host memory as a version arrives ("arriving": here at publish, the bench writes the slot whole), else when the update is asked for, before it starts`,
   ];
   const cols = ["changed", "elements", "unchanged/sparse/dense", "moved", "delta update", "compare", "encode", "dense update", "delta/dense"];
   const rows = r.rows.map((x) => {
@@ -154,7 +154,7 @@ export function deltaTable(r: DeltaBenchResult): string {
       `${formatBytes(d.bytes)} (${((d.bytes / x.dense.bytes) * 100).toFixed(1)}%)`,
       formatSeconds(d.seconds),
       `${formatSeconds(d.compareSeconds)} (${d.compareGbps.toFixed(1)} GB/s${d.compared === "while arriving" ? ", arriving" : ""})`,
-      formatSeconds(d.encodeSeconds),
+      `${formatSeconds(d.encodeSeconds)}${d.encoded === "while arriving" ? " (arriving)" : ""}`,
       formatSeconds(x.dense.seconds),
       `${x.speedup.toFixed(2)}x`,
     ];

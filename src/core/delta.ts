@@ -94,74 +94,120 @@ export interface PlacedTensor {
   nbytes: number;
 }
 
+/** The sparse tensors' patches of some tensors, in a pinned scratch region of their own until released. */
+export interface Encoded {
+  region: number;
+  patches: Map<string, PatchPlace>;
+  bytes: number;
+  seconds: number;
+  release(): Promise<void>;
+}
+
+/** Sub-byte and odd dtypes are compared as bytes: enough to know whether they changed (they go dense). */
+function compareWidth(t: { dtype: string }): number {
+  return elementBytes(t.dtype) ?? 1;
+}
+
 /**
- * Compares version `base` (region oldRegion) with the new one (newRegion), both laid out as
- * `layout`, and encodes the patches. The caller keeps both regions from being rewritten meanwhile.
- * `counted`: each tensor's changed elements, counted already (a pool does it as a version arrives),
- * and what that took; the compare is then not repeated.
+ * Encodes the patches of those of `tensors` whose counts make them sparse (chooseForm) into a
+ * scratch region pinned for them: undefined when none is. Both regions stay as they are meanwhile.
+ */
+export async function encodePatches(
+  ctx: Ctx,
+  o: { tensors: PlacedTensor[]; counts: number[]; oldRegion: number; newRegion: number; threads?: number },
+): Promise<Encoded | undefined> {
+  const patches: PatchPlace[] = [];
+  const sparse: number[] = [];
+  let at = 0;
+  o.tensors.forEach((t, i) => {
+    if (chooseForm(t, o.counts[i]!) !== "sparse") return;
+    const count = o.counts[i]!;
+    const nbytes = patchBytes(count, elementBytes(t.dtype)!);
+    patches.push({ name: t.name, count, offset: at, valuesOffset: alignUp(4 * count, ALIGN_BYTES), nbytes });
+    sparse.push(i);
+    at = alignUp(at + nbytes, ALIGN_BYTES);
+  });
+  if (!patches.length) return undefined;
+  const t0 = performance.now();
+  const a = ctx.regionAlloc(at);
+  let held = true;
+  const release = async () => {
+    if (!held) return;
+    held = false;
+    await ctx.wait(ctx.regionRelease(a.region), { timeoutMs: OP_TIMEOUT_MS, what: "releasing a delta's scratch region" });
+  };
+  try {
+    await ctx.wait(a.op, { timeoutMs: OP_TIMEOUT_MS, what: `pinning ${at} bytes of scratch for patches` });
+    const enc = new BigUint64Array(patches.length * 10);
+    patches.forEach((p, k) => {
+      const t = o.tensors[sparse[k]!]!;
+      enc.set(
+        [BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(compareWidth(t)), BigInt(a.region), BigInt(p.offset), BigInt(p.offset + p.valuesOffset), BigInt(p.count)],
+        10 * k,
+      );
+    });
+    await ctx.deltaEncode(enc, { threads: o.threads ?? digestThreads(), timeoutMs: OP_TIMEOUT_MS });
+  } catch (err) {
+    await release().catch(() => undefined);
+    throw err;
+  }
+  return { region: a.region, patches: new Map(patches.map((p) => [p.name, p])), bytes: at, seconds: (performance.now() - t0) / 1000, release };
+}
+
+/**
+ * The delta from version `base` (region oldRegion) to the new one (newRegion), both laid out as
+ * `layout`. The caller keeps both regions from being rewritten meanwhile. `prepared`: what a pool
+ * found as the version arrived: every tensor's count (the compare is not repeated) and, when all
+ * came through, the sparse tensors' patches (not encoded again, and not released with the delta).
  */
 export async function computeDelta(
   ctx: Ctx,
-  o: { layout: PlacedTensor[]; base: number; oldRegion: number; newRegion: number; threads?: number; counted?: { counts: number[]; seconds: number } },
+  o: {
+    layout: PlacedTensor[];
+    base: number;
+    oldRegion: number;
+    newRegion: number;
+    threads?: number;
+    prepared?: { counts: number[]; compareSeconds: number; encoded?: Encoded[] };
+  },
 ): Promise<Delta> {
   const threads = o.threads ?? digestThreads();
   const { layout } = o;
-  // Sub-byte and odd dtypes are compared as bytes: enough to know whether they changed (they go dense).
-  const es = layout.map((t) => elementBytes(t.dtype) ?? 1);
   let counts: number[];
   let compareSeconds: number;
-  if (o.counted) {
-    ({ counts, seconds: compareSeconds } = o.counted);
+  if (o.prepared) {
+    ({ counts, compareSeconds } = o.prepared);
   } else {
     const spans = new BigUint64Array(layout.length * 6);
-    layout.forEach((t, i) => spans.set([BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(es[i]!)], 6 * i));
+    layout.forEach((t, i) => spans.set([BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(compareWidth(t))], 6 * i));
     const t0 = performance.now();
     ({ counts } = await ctx.deltaCount(spans, { threads, timeoutMs: OP_TIMEOUT_MS }));
     compareSeconds = (performance.now() - t0) / 1000;
   }
   const plan = planDelta(layout, counts);
 
-  let scratch: number | undefined;
-  const release = async () => {
-    if (scratch === undefined) return;
-    const r = scratch;
-    scratch = undefined;
-    await ctx.wait(ctx.regionRelease(r), { timeoutMs: OP_TIMEOUT_MS, what: "releasing the delta's scratch region" });
-  };
-  let encodeSeconds = 0;
+  const ready = o.prepared?.encoded;
+  let own: Encoded | undefined;
   try {
-    if (plan.patches.length) {
-      const t1 = performance.now();
-      const a = ctx.regionAlloc(plan.scratchBytes);
-      scratch = a.region;
-      await ctx.wait(a.op, { timeoutMs: OP_TIMEOUT_MS, what: `pinning ${plan.scratchBytes} bytes of scratch for patches` });
-      const index = new Map(layout.map((t, i) => [t.name, i]));
-      const enc = new BigUint64Array(plan.patches.length * 10);
-      plan.patches.forEach((p, k) => {
-        const i = index.get(p.name)!;
-        const t = layout[i]!;
-        enc.set(
-          [BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(es[i]!), BigInt(a.region), BigInt(p.offset), BigInt(p.offset + p.valuesOffset), BigInt(p.count)],
-          10 * k,
-        );
-      });
-      await ctx.deltaEncode(enc, { threads, timeoutMs: OP_TIMEOUT_MS });
-      encodeSeconds = (performance.now() - t1) / 1000;
-    }
+    if (!ready) own = await encodePatches(ctx, { tensors: layout, counts, oldRegion: o.oldRegion, newRegion: o.newRegion, threads });
   } catch (err) {
-    await release().catch(() => undefined);
     throw new CeError("E_DELTA", `computing the delta from version ${o.base}: ${(err as Error).message}`, { cause: err });
   }
+  const sources = ready ?? (own ? [own] : []);
+  const patchOf = new Map(sources.flatMap((e) => [...e.patches.values()].map((p) => [p.name, { p, region: e.region }] as const)));
 
-  const patchOf = new Map(plan.patches.map((p) => [p.name, p]));
   const tensors: TensorRef[] = [];
-  layout.forEach((t, i) => {
+  for (const [i, t] of layout.entries()) {
     const form = plan.forms[i]!;
     if (form === "dense") tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: t.nbytes, region: o.newRegion, offset: t.offset });
-    if (form !== "sparse") return;
-    const p = patchOf.get(t.name)!;
-    tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: p.nbytes, region: scratch!, offset: p.offset, patch: { count: p.count, valuesOffset: p.valuesOffset } });
-  });
+    if (form !== "sparse") continue;
+    const found = patchOf.get(t.name);
+    if (!found) {
+      await own?.release().catch(() => undefined);
+      throw new CeError("E_DELTA", `tensor ${t.name}: sparse in the delta from version ${o.base}, but no patch was encoded for it`);
+    }
+    tensors.push({ name: t.name, dtype: t.dtype, shape: t.shape, nbytes: found.p.nbytes, region: found.region, offset: found.p.offset, patch: { count: found.p.count, valuesOffset: found.p.valuesOffset } });
+  }
   const fullBytes = layout.reduce((s, t) => s + t.nbytes, 0);
   const stats: DeltaSummary = {
     base: o.base,
@@ -174,11 +220,12 @@ export async function computeDelta(
     fullBytes,
     compareSeconds,
     compareGbps: compareSeconds > 0 ? fullBytes / compareSeconds / 1e9 : 0,
-    compared: o.counted ? "while arriving" : "at update",
-    encodeSeconds,
+    compared: o.prepared ? "while arriving" : "at update",
+    encodeSeconds: own?.seconds ?? (ready ?? []).reduce((n, e) => n + e.seconds, 0),
+    encoded: ready ? "while arriving" : "at update",
   };
   log.debug(
-    `delta from version ${o.base}: ${stats.same} unchanged, ${stats.sparse} sparse, ${stats.dense} dense; ${stats.bytes} of ${fullBytes} bytes; compared at ${stats.compareGbps.toFixed(1)} GB/s`,
+    `delta from version ${o.base}: ${stats.same} unchanged, ${stats.sparse} sparse, ${stats.dense} dense; ${stats.bytes} of ${fullBytes} bytes; compared ${stats.compared} at ${stats.compareGbps.toFixed(1)} GB/s`,
   );
-  return { base: o.base, tensors, names: layout.map((t) => t.name), stats, release };
+  return { base: o.base, tensors, names: layout.map((t) => t.name), stats, release: async () => own?.release() };
 }

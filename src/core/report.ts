@@ -22,6 +22,8 @@ export interface DeltaSummary {
   compareGbps: number;
   /** when: while the version's bytes arrived (off the update's path), or when the update was asked for */
   compared: "while arriving" | "at update";
+  /** the same for the patches' encoding (encodeSeconds: its time, wherever it ran) */
+  encoded: "while arriving" | "at update";
   encodeSeconds: number;
 }
 

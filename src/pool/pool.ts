@@ -13,6 +13,7 @@ import type { Checkpoint } from "../checkpoint/checkpoint";
 import { digestThreads, pinThreads, type Registration } from "../checkpoint/registry";
 import type { TensorMeta } from "../checkpoint/safetensors";
 import { elementBytes } from "../checkpoint/safetensors";
+import type { Encoded } from "../core/delta";
 import { type Ctx, formatDigest } from "../native/ce";
 import { type Layout, type LayoutTensor, type PlacedTensor, layoutDifference, placeLayout } from "./layout";
 
@@ -42,7 +43,12 @@ export interface PoolVersion {
   counts?: Map<string, number>;
   /** summed wall seconds of the count ops */
   countSeconds: number;
+  /** the patches of its sparse tensors against countBase, encoded as their counts came in (pool.encoder) */
+  encoded: Encoded[];
 }
+
+/** Encodes the sparse tensors' patches of a counted batch (core/delta.ts encodePatches, handed in by ce serve). */
+export type Encoder = (o: { tensors: PlacedTensor[]; counts: number[]; oldRegion: number; newRegion: number }) => Promise<Encoded | undefined>;
 
 /** Resolves once the writer's bytes reach an offset (or the version is dropped). */
 interface Waiter {
@@ -67,6 +73,8 @@ export class Pool {
   readonly #countHolds = new Map<number, () => void>();
   /** Count what changed against the serving version while a version's bytes arrive (ce serve --delta). */
   countDeltas = false;
+  /** With countDeltas: encode each counted batch's patches too. */
+  encoder: Encoder | undefined;
 
   private constructor(
     private readonly ctx: Ctx,
@@ -132,7 +140,7 @@ export class Pool {
       log.info(`pool ${this.name}: version ${evicted.version} leaves slot ${evicted.slot} for version ${version}`);
       slot = evicted.slot;
     }
-    const v: PoolVersion = { version, slot, state: "writing", written: 0, createdAt: new Date().toISOString(), digests: new Map(), digestSeconds: 0, countSeconds: 0 };
+    const v: PoolVersion = { version, slot, state: "writing", written: 0, createdAt: new Date().toISOString(), digests: new Map(), digestSeconds: 0, countSeconds: 0, encoded: [] };
     const base = this.serving !== undefined ? this.versions.get(this.serving) : undefined;
     if (this.countDeltas && (o.count ?? true) && base?.state === "ready" && base.slot !== slot) {
       v.countBase = base.version;
@@ -237,11 +245,15 @@ export class Pool {
     return v.digests;
   }
 
-  /** Changed elements of each tensor (layout order) of `version` against `base`, when they were counted as it arrived. */
-  countsFor(version: number, base: number): number[] | undefined {
+  /**
+   * What was found of `version` against `base` as it arrived: each tensor's changed elements (layout
+   * order) and, when every batch was encoded, the sparse tensors' patches (the pool keeps them).
+   */
+  preparedFor(version: number, base: number): { counts: number[]; compareSeconds: number; encoded?: Encoded[] } | undefined {
     const v = this.versions.get(version);
     if (!v?.counts || v.countBase !== base || v.state !== "ready" || v.counts.size !== this.layout.tensors.length) return undefined;
-    return this.layout.tensors.map((t) => v.counts!.get(t.name)!);
+    const counts = this.layout.tensors.map((t) => v.counts!.get(t.name)!);
+    return { counts, compareSeconds: v.countSeconds, ...(this.encoder ? { encoded: v.encoded } : {}) };
   }
 
   /** What an update of `version` reads: the slot's region as one pinned file, and the digests known so far. */
@@ -288,8 +300,10 @@ export class Pool {
     };
   }
 
-  /** After an update of `version` succeeded. */
+  /** After an update of `version` succeeded: its patches against an older version are done with. */
   served(version: number): void {
+    const v = this.versions.get(version);
+    if (v) this.#releaseEncoded(v);
     if (this.serving !== version) {
       this.previous = this.serving !== undefined && this.versions.has(this.serving) ? this.serving : this.previous;
       this.serving = version;
@@ -314,6 +328,7 @@ export class Pool {
     if (this.#reading.has(v.slot)) throw new CeError("E_BUSY", `pool ${this.name} version ${version} is being updated into the engines`);
     for (const w of this.#waiters.get(version) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} version ${version} was deleted`));
     this.#endCounts(version);
+    this.#releaseEncoded(v);
     this.versions.delete(version);
     this.#waiters.delete(version);
     this.#pending.delete(version);
@@ -322,9 +337,11 @@ export class Pool {
     if (this.previous === version) this.previous = undefined;
   }
 
-  /** Bytes of pinned host memory the pool holds: K × slot size. */
+  /** Bytes of pinned host memory the pool holds: K × slot size, and the patches encoded as versions arrived. */
   get hostBytes(): number {
-    return this.slots.length * this.layout.bytes;
+    let patches = 0;
+    for (const v of this.versions.values()) patches += v.encoded.reduce((n, e) => n + e.bytes, 0);
+    return this.slots.length * this.layout.bytes + patches;
   }
 
   describe(): object {
@@ -357,6 +374,7 @@ export class Pool {
     for (const v of [...this.versions.keys()]) {
       await Promise.allSettled(this.#pending.get(v) ?? []);
       this.#endCounts(v);
+      await Promise.allSettled(this.get(v).encoded.splice(0).map((e) => e.release()));
       for (const w of this.#waiters.get(v) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} was deleted`));
     }
     this.versions.clear();
@@ -368,6 +386,10 @@ export class Pool {
     const v = this.get(version);
     if (v.state !== "writing") throw new CeError("E_POOL_PUBLISHED", `pool ${this.name} version ${version} is published already: it cannot change`);
     return v;
+  }
+
+  #releaseEncoded(v: PoolVersion): void {
+    for (const e of v.encoded.splice(0)) void e.release().catch((err) => log.warn(`pool ${this.name} version ${v.version}: ${errorMessage(err)}`));
   }
 
   #endCounts(version: number): void {
@@ -410,13 +432,18 @@ export class Pool {
     const t0 = performance.now();
     const done = this.ctx
       .deltaCount(spans, { threads: digestThreads(), timeoutMs: OP_TIMEOUT_MS })
-      .then((r) => {
+      .then(async (r) => {
         batch.forEach((t, i) => v.counts?.set(t.name, r.counts[i]!));
         v.countSeconds += (performance.now() - t0) / 1000;
+        const e = v.counts && (await this.encoder?.({ tensors: batch, counts: r.counts, oldRegion: old, newRegion: cur }));
+        if (!e) return;
+        if (this.versions.get(v.version) === v) v.encoded.push(e);
+        else await e.release(); // dropped meanwhile
       })
       .catch((err) => {
-        log.warn(`pool ${this.name} version ${v.version}: counting changes against version ${v.countBase} failed (a delta will compare at update): ${errorMessage(err)}`);
+        log.warn(`pool ${this.name} version ${v.version}: finding changes against version ${v.countBase} failed (a delta will compare at update): ${errorMessage(err)}`);
         v.counts = undefined;
+        this.#releaseEncoded(v);
       });
     this.#pending.get(v.version)!.push(done);
   }

@@ -7,7 +7,7 @@ import { CeError, errorMessage } from "../base/errors";
 import { config } from "../base/config";
 import { logger } from "../base/log";
 import type { Updater } from "../app/updater";
-import { type Delta, computeDelta } from "../core/delta";
+import { type Delta, computeDelta, encodePatches } from "../core/delta";
 import type { UpdateSummary } from "../core/update";
 import { Pool } from "../pool/pool";
 import { PoolBody, PublishBody, VersionBody, WrittenBody, parseBody } from "./bodies";
@@ -58,8 +58,9 @@ export class Pools {
     } finally {
       this.#creating.delete(name);
     }
-    // With deltas on for every pool update, what changed is counted while each version arrives.
+    // With deltas on for every pool update, what changed is counted, and its patches encoded, while each version arrives.
     pool.countDeltas = this.host.opts.delta ?? false;
+    pool.encoder = (o) => encodePatches(this.host.up.ctx, o);
     this.#pools.set(name, pool);
     return { ...pool.describe(), layout: pool.layout.tensors };
   }
@@ -203,9 +204,8 @@ export class Pools {
         let delta: Delta | undefined;
         try {
           const region = (v: number) => pool.slots[pool.get(v).slot]!.region;
-          const counts = pool.countsFor(version, base);
-          const counted = counts && { counts, seconds: pool.get(version).countSeconds };
-          delta = await computeDelta(this.host.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version), counted });
+          const prepared = pool.preparedFor(version, base);
+          delta = await computeDelta(this.host.up.ctx, { layout: pool.layout.tensors, base, oldRegion: region(base), newRegion: region(version), prepared });
           return await this.host.up.session.update({ ...req, delta });
         } catch (err) {
           // A full update is always correct (and verified like the delta would be): the delta only saves bytes.

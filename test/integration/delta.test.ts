@@ -106,7 +106,7 @@ for (const worker of ["ref", "python"] as const) {
         expect(d.same + d.sparse + d.dense).toBe(layout.length);
         expect(second.bytes).toBe(d.bytes);
         // ce serve --delta counts what changed while the version arrives: the update only encodes.
-        expect(d.compared).toBe("while arriving");
+        expect(d).toMatchObject({ compared: "while arriving", encoded: "while arriving" });
         expect(d.bytes).toBeLessThan(d.fullBytes / 2);
         expect(d.fullBytes).toBe(first.bytes);
         // Every tensor of the version is checked on every worker, the unsent ones too.
@@ -139,10 +139,16 @@ for (const worker of ["ref", "python"] as const) {
           pool.countDeltas = true;
           expect(s.verified).toBe(layout.length);
           if (n === fullAt) expect(s.delta).toBeUndefined();
-          else expect(s.delta).toMatchObject({ base: n - 1, compared: n === fullAt + 1 ? "at update" : "while arriving" });
+          else {
+            const where = n === fullAt + 1 ? "at update" : "while arriving";
+            expect(s.delta).toMatchObject({ base: n - 1, compared: where, encoded: where });
+          }
         }
-        const info = daemon.pools.info("policy") as { serving: number };
+        const info = daemon.pools.info("policy") as { serving: number; hostBytes: number; slots: number; bytes: number };
         expect(info.serving).toBe(last);
+        // Patches encoded as versions arrived are let go once their version is served: the pool holds its slots only.
+        for (let i = 0; i < 100 && (daemon.pools.info("policy") as { hostBytes: number }).hostBytes !== info.slots * info.bytes; i++) await Bun.sleep(20);
+        expect((daemon.pools.info("policy") as { hostBytes: number }).hostBytes).toBe(info.slots * info.bytes);
       },
       600_000,
     );

@@ -20,7 +20,7 @@ const MAY_IMPORT: Record<string, string[]> = {
   app: ["base", "native", "core", "engines", "wire", "checkpoint"],
   p2p: ["base", "native", "checkpoint", "core"],
   cluster: ["base", "native", "transport", "wire", "checkpoint", "core", "p2p"],
-  pool: ["base", "native", "checkpoint"],
+  pool: ["base", "native", "checkpoint", "core"],
   serve: ["base", "core", "checkpoint", "app", "cluster", "pool", "p2p"],
   commands: ["base", "native", "transport", "wire", "checkpoint", "core", "engines", "worker", "bench", "app", "cluster", "serve", "pool"],
   ".": ["base", "commands"],
