@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10500
+#define CE_ABI_VERSION 10600
 
 /* Status codes. */
 #define CE_OK 0
@@ -230,6 +230,10 @@ CE_API int ce_delta_encode_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t
 /* ce_op_poll for a delta op that also copies its nspans counts into counts (room for len) once
  * done. CE_E_INVAL (op not collected) when len is too small. Never blocks. */
 CE_API int ce_delta_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *counts, uint64_t len);
+/* Makes libce's GPU kernels (the digest and the patch scatter) ready on the context's device dev:
+ * CE_OK at once on the CPU backend; on CUDA the driver compiles them once, and CE_E_CUDA says why it
+ * cannot (a GPU buffer's digest then reads back instead; patches cannot be applied there). */
+CE_API int ce_ctx_kernels(ce_ctx_t *ctx, int dev);
 /* Applies patches held in buffer src into buffer dst, both host memory (CPU backend, on up to
  * `threads` threads) or both on one GPU (libce's scatter kernel; each tensor, its positions and its
  * values aligned to their elements, else CE_E_INVAL): patches holds (dst_offset, dst_bytes,

@@ -47,6 +47,10 @@ typedef struct {
   uint8_t *pos, *val; /* encode: where its positions and values go */
   uint64_t want;      /* encode: the count the caller sized them for */
   _Atomic uint64_t count;
+  /* encode: entries its pieces made room for, and the most that `want` changed elements can need
+   * (each piece's room at most doubles what it holds, from 1024): more proves the count wrong */
+  _Atomic uint64_t reserved;
+  uint64_t limit;
 } xspan_t;
 
 typedef struct {
@@ -64,7 +68,8 @@ typedef struct {
   int threads;
   int encode;
   int placing; /* the encode's second pass: each piece's entries copied into the patch */
-  _Atomic int oom; /* an encode piece could not grow its entries */
+  _Atomic int oom;  /* an encode piece could not grow its entries */
+  _Atomic int over; /* an encode span has more changed elements than it was sized for */
   uint64_t nspans, npieces;
   xspan_t *spans;
   xpiece_t *pieces;
@@ -94,18 +99,24 @@ static uint64_t count_piece(const uint8_t *a, const uint8_t *b, uint64_t n, uint
   return c;
 }
 
-/* Room for k more entries in a piece's own arrays; 0 when out of memory. */
-static int piece_room(xpiece_t *pc, uint32_t es, uint64_t k) {
-  if (pc->count + k <= pc->cap) return 1;
+enum { ROOM_OK = 1, ROOM_NOMEM = 0, ROOM_OVER = -1 };
+
+/* Room for k more entries in a piece's own arrays. A version that changed after it was counted
+ * stops here (ROOM_OVER) before its span takes more memory than its count allows. */
+static int piece_room(xspan_t *s, xpiece_t *pc, uint64_t k) {
+  if (pc->count + k <= pc->cap) return ROOM_OK;
   uint64_t cap = pc->cap ? 2 * pc->cap : 1024;
   while (cap < pc->count + k) cap *= 2;
   if (cap > pc->n) cap = pc->n;
+  uint64_t add = cap - pc->cap;
+  if (atomic_fetch_add(&s->reserved, add) + add > s->limit) return ROOM_OVER;
+  uint32_t es = s->es;
   uint8_t *pos = realloc(pc->pos, 4 * cap), *val = pos ? realloc(pc->val, es * cap) : NULL;
   if (pos) pc->pos = pos;
-  if (!pos || !val) return 0;
+  if (!pos || !val) return ROOM_NOMEM;
   pc->val = val;
   pc->cap = cap;
-  return 1;
+  return ROOM_OK;
 }
 
 /* Appends the changed element e of the piece (position e0 + e, its new bytes at b). */
@@ -115,8 +126,9 @@ static inline void piece_put(xpiece_t *pc, uint32_t es, uint64_t e, const uint8_
   pc->count++;
 }
 
-/* One piece's patch entries, found in one pass over both versions, into the piece's own arrays. */
-static int encode_piece(const xspan_t *s, xpiece_t *pc) {
+/* One piece's patch entries, found in one pass over both versions, into the piece's own arrays:
+ * ROOM_OK, or why it stopped. */
+static int encode_piece(xspan_t *s, xpiece_t *pc) {
   uint32_t es = s->es;
   const uint8_t *a = s->old + pc->e0 * es, *b = s->cur + pc->e0 * es;
   uint64_t bytes = pc->n * es, i = 0;
@@ -124,7 +136,8 @@ static int encode_piece(const xspan_t *s, xpiece_t *pc) {
   for (; i + 8 <= bytes; i += 8) {
     uint64_t d = load64(a + i) ^ load64(b + i);
     if (!d) continue;
-    if (!piece_room(pc, es, 8 / es)) return 0;
+    int room = piece_room(s, pc, 8 / es);
+    if (room != ROOM_OK) return room;
     for (uint32_t j = 0; j < 8; j += es) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
       int changed = memcmp(a + i + j, b + i + j, es) != 0;
@@ -136,10 +149,11 @@ static int encode_piece(const xspan_t *s, xpiece_t *pc) {
   }
   for (uint64_t e = i / es; e < pc->n; e++) {
     if (memcmp(a + e * es, b + e * es, es) == 0) continue;
-    if (!piece_room(pc, es, 1)) return 0;
+    int room = piece_room(s, pc, 1);
+    if (room != ROOM_OK) return room;
     piece_put(pc, es, e, b + e * es);
   }
-  return 1;
+  return ROOM_OK;
 }
 
 static void *delta_worker(void *arg) {
@@ -154,7 +168,9 @@ static void *delta_worker(void *arg) {
       free(pc->pos), free(pc->val);
       pc->pos = pc->val = NULL;
     } else if (job->encode) {
-      if (!encode_piece(s, pc)) atomic_store(&job->oom, 1);
+      int done = encode_piece(s, pc);
+      if (done == ROOM_NOMEM) atomic_store(&job->oom, 1);
+      if (done == ROOM_OVER) atomic_store(&job->over, 1);
       atomic_fetch_add(&s->count, pc->count);
     } else {
       pc->count = count_piece(s->old + pc->e0 * s->es, s->cur + pc->e0 * s->es, pc->n, s->es);
@@ -175,6 +191,8 @@ static int delta_run(ce_op_t *op) {
   delta_pass(job);
   for (uint64_t s = 0; s < job->nspans; s++) job->counts[s] = atomic_load(&job->spans[s].count);
   if (atomic_load(&job->oom)) return ce_op_fail(op, CE_E_NOMEM, "ce_delta_encode_submit: out of host memory for the patches' entries");
+  if (atomic_load(&job->over))
+    return ce_op_fail(op, CE_E_STATE, "ce_delta_encode_submit: a span has more changed elements than it was sized for: a version changed after it was compared");
   if (job->encode) {
     /* Each piece's entries start where the pieces before it in its span end. */
     uint64_t span = UINT64_MAX, at = 0;
@@ -284,6 +302,7 @@ static int delta_submit(ce_ctx_t *ctx, const uint64_t *spans, uint64_t nspans, i
   }
   for (uint64_t s = 0; s < nspans; s++) {
     uint64_t elems = job->spans[s].bytes / job->spans[s].es, per = PIECE_BYTES / job->spans[s].es;
+    job->spans[s].limit = 2 * job->spans[s].want + 1024 * ((elems + per - 1) / per);
     for (uint64_t e = 0; e < elems; e += per) job->pieces[job->npieces++] = (xpiece_t){(uint32_t)s, e, elems - e < per ? elems - e : per, 0, 0, NULL, NULL, 0};
   }
   uint64_t id;

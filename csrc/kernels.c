@@ -189,19 +189,26 @@ static const char PTX[] =
 int ce_kernels_load(ce_ctx_t *ctx, int d) {
   ce_dev_t *dv = &ctx->dev[d];
   pthread_mutex_lock(&ctx->mu);
-  if (dv->kernels_status == 0) {
-    CUresult r = cu.cuCtxSetCurrent(dv->cuctx);
-    if (r == CUDA_SUCCESS) r = cu.cuModuleLoadData(&dv->kernels, PTX);
-    if (r == CUDA_SUCCESS) r = cu.cuModuleGetFunction(&dv->scatter, dv->kernels, "ce_scatter");
-    if (r == CUDA_SUCCESS) r = cu.cuModuleGetFunction(&dv->digest, dv->kernels, "ce_digest");
-    if (r != CUDA_SUCCESS && dv->kernels) cu.cuModuleUnload(dv->kernels), dv->kernels = NULL;
-    dv->kernels_status = r == CUDA_SUCCESS ? 1 : -1;
-    dv->kernels_error = r;
-  }
-  int ok = dv->kernels_status == 1;
+  int status = dv->kernels_status;
   CUresult why = dv->kernels_error;
   pthread_mutex_unlock(&ctx->mu);
-  return ok ? CE_OK : ce_cuda_fail(why, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
+  if (status == 1) return CE_OK;
+  if (status == -1) return ce_cuda_fail(why, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
+  /* Compiled outside the lock (the JIT takes a while); only the driver refusing the PTX is kept. */
+  CUresult r = cu.cuCtxSetCurrent(dv->cuctx);
+  if (r != CUDA_SUCCESS) return ce_cuda_fail(r, "cuCtxSetCurrent on GPU %d", dv->ordinal);
+  CUmodule mod = NULL;
+  CUfunction scatter = NULL, digest = NULL;
+  r = cu.cuModuleLoadData(&mod, PTX);
+  if (r == CUDA_SUCCESS) r = cu.cuModuleGetFunction(&scatter, mod, "ce_scatter");
+  if (r == CUDA_SUCCESS) r = cu.cuModuleGetFunction(&digest, mod, "ce_digest");
+  pthread_mutex_lock(&ctx->mu);
+  int won = dv->kernels_status == 0;
+  if (won && r == CUDA_SUCCESS) dv->kernels = mod, dv->scatter = scatter, dv->digest = digest, dv->kernels_status = 1;
+  if (won && r != CUDA_SUCCESS) dv->kernels_status = -1, dv->kernels_error = r;
+  pthread_mutex_unlock(&ctx->mu);
+  if (mod && !(won && r == CUDA_SUCCESS)) cu.cuModuleUnload(mod); /* failed, or another thread's was kept */
+  return r == CUDA_SUCCESS ? CE_OK : ce_cuda_fail(r, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
 }
 
 /* A grid of at most `most` blocks covering n items, a few per thread (the kernels loop by grid stride). */
@@ -227,4 +234,11 @@ CUresult ce_kernel_digest(const ce_dev_t *dv, CUstream s, CUdeviceptr base, uint
   if (!blocks) return CUDA_SUCCESS;
   void *args[] = {&base, &words, &out};
   return cu.cuLaunchKernel(dv->digest, blocks, 1, 1, CE_KERNEL_THREADS, 1, 1, 0, s, args, NULL);
+}
+
+int ce_ctx_kernels(ce_ctx_t *ctx, int dev) {
+  if (!ctx) return ce_fail(CE_E_INVAL, "ce_ctx_kernels: ctx is NULL");
+  if (dev < 0 || dev >= ctx->ndev) return ce_fail(CE_E_INVAL, "ce_ctx_kernels: device %d of %d", dev, ctx->ndev);
+  if (ctx->backend != CE_BACKEND_CUDA) return CE_OK;
+  return ce_kernels_load(ctx, dev);
 }

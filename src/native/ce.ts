@@ -304,6 +304,11 @@ export class Ctx {
     return pollUntil(collect, { timeoutMs: opts.timeoutMs, what, signal: opts.signal });
   }
 
+  /** Makes libce's GPU kernels ready on device dev (compiled once); a NativeError says why the driver cannot. */
+  kernels(dev: number): void {
+    check(libce().ce_ctx_kernels(this.handle, dev), `preparing libce's kernels on ${this.deviceName(dev)}`);
+  }
+
   /**
    * Applies patches held in src into dst, both host memory or both on one GPU: patches holds
    * (dstOffset, dstBytes, positionsOffset, valuesOffset, count, elemBytes) sextuples. Async.

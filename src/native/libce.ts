@@ -8,7 +8,7 @@ import { config } from "../base/config";
 import { NativeError } from "../base/errors";
 
 /** csrc/ce.h CE_ABI_VERSION this build of ce is written against. */
-export const ABI_VERSION = 10500;
+export const ABI_VERSION = 10600;
 
 export const CE_OK = 0;
 export const CE_INPROGRESS = 1;
@@ -95,6 +95,8 @@ const symbols = {
   ce_delta_encode_submit: { args: ["ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },
   // int ce_delta_collect(ce_ctx_t *ctx, uint64_t op, double *times, uint64_t *counts, uint64_t len);
   ce_delta_collect: { args: ["ptr", "u64", "ptr", "ptr", "u64"], returns: "i32" },
+  // int ce_ctx_kernels(ce_ctx_t *ctx, int dev);
+  ce_ctx_kernels: { args: ["ptr", "i32"], returns: "i32" },
   // int ce_buf_patch_submit(ce_ctx_t *ctx, ce_buf_t *dst, ce_buf_t *src, const uint64_t *patches, uint64_t npatches,
   //                         int threads, uint64_t *op_out);
   ce_buf_patch_submit: { args: ["ptr", "ptr", "ptr", "ptr", "u64", "i32", "ptr"], returns: "i32" },

@@ -154,6 +154,20 @@ for (const worker of ["ref", "python"] as const) {
     );
 
     test(
+      "a version counted against the serving one lets that base go once another version is served (a rollback): the base can then be deleted",
+      async () => {
+        const serving = (daemon.pools.info("policy") as { serving: number }).serving;
+        await daemon.pools.begin("policy", { version: serving + 100 }); // counting against `serving`, not yet published
+        await expect(daemon.pools.deleteVersion("policy", serving)).rejects.toThrow();
+        const rb = (await daemon.pools.rollback("policy")) as { to: number };
+        expect(rb.to).toBeLessThan(serving);
+        expect(await daemon.pools.deleteVersion("policy", serving)).toMatchObject({ version: serving });
+        await daemon.pools.deleteVersion("policy", serving + 100);
+      },
+      120_000,
+    );
+
+    test(
       "engines that hold another version get the update whole: the delta is refused at open, before anything moves, and no worker restarts",
       async () => {
         const pid = (i: number) => (up.engine as unknown as { pid(i: number): number }).pid(i);
@@ -241,6 +255,14 @@ describe("libce's compare, encode and patch", () => {
             // A position past its tensor fails the op, naming the patch (u8 was patched at its last element, 1000).
             list[1] = 1000n;
             await expect(wait(ctx.bufPatch(dst, src, list, 1), "applying a bad patch")).rejects.toThrow("past the tensor's");
+            // An encoding sized for fewer changes than the tensor has (a version rewritten after it was
+            // counted) stops on its budget, before it holds more memory than that count allows.
+            const bf16 = layout.find((t) => t.name === "bf16")!;
+            const scratch = ctx.regionAlloc(4096 * 6);
+            await wait(scratch.op, "allocating");
+            const enc = new BigUint64Array([BigInt(regions[0]!.region), BigInt(bf16.offset), BigInt(regions[0]!.region), BigInt(bf16.offset + 2), BigInt(bf16.nbytes - 256), 2n, BigInt(scratch.region), 0n, 4096n * 4n, 4096n]);
+            await expect(ctx.deltaEncode(enc, { threads: 2, timeoutMs: 60_000 })).rejects.toThrow("more changed elements than it was sized for");
+            await wait(ctx.regionRelease(scratch.region), "releasing");
           } finally {
             dst.close();
             src.close();
