@@ -234,9 +234,11 @@ export class Pool {
   async digestsOf(version: number): Promise<Map<string, string>> {
     const v = this.get(version);
     // Digests submitted later (more bytes written) join the list: wait until it stops growing.
+    // Every op ends before a failure is reported: the counts' hold on the base is let go only then.
     for (let seen = -1; seen !== this.#pending.get(version)!.length; ) {
       seen = this.#pending.get(version)!.length;
-      await Promise.all(this.#pending.get(version)!);
+      const ended = await Promise.allSettled(this.#pending.get(version)!);
+      for (const e of ended) if (e.status === "rejected") throw e.reason;
     }
     if (v.digests.size !== this.layout.tensors.length) {
       const missing = this.layout.tensors.find((t) => !v.digests.has(t.name))!;
@@ -304,6 +306,13 @@ export class Pool {
   served(version: number): void {
     const v = this.versions.get(version);
     if (v) this.#releaseEncoded(v);
+    // Versions still being written against another base: what they found no longer applies.
+    for (const w of this.versions.values()) {
+      if (w.countBase === undefined || w.countBase === version) continue;
+      this.#endCounts(w.version);
+      w.counts = undefined;
+      this.#releaseEncoded(w);
+    }
     if (this.serving !== version) {
       this.previous = this.serving !== undefined && this.versions.has(this.serving) ? this.serving : this.previous;
       this.serving = version;

@@ -146,7 +146,7 @@ class Receiver {
         // An open without buffer_id is answered as protocol 1 answers it; one with it learns what happened.
         if (req.buffer_id !== undefined) reply = { ok: true, protocol: PROTOCOL_VERSION, buffer_id: req.buffer_id, kept };
         if (this.holds) reply = { ...reply, ...this.holds };
-        if (req.delta_from !== undefined) reply = { ...reply, protocol: PROTOCOL_VERSION, delta: true };
+        if (req.delta_from !== undefined && this.kernelsReady()) reply = { ...reply, protocol: PROTOCOL_VERSION, delta: true };
         if (kept) log.debug(`open ${req.checkpoint}@${req.version}: kept the mapping of buffer ${req.buffer_id}`);
         break;
       }
@@ -171,8 +171,8 @@ class Receiver {
         this.holds = undefined; // from here until finish, the parameters are neither the old version nor the new
         // The reply hands the slot back to ce: only once the copies are done.
         const patchList = this.patchList(patches, slot);
-        // The copies and the patches write different tensors: they run together.
-        await Promise.all([
+        // The copies and the patches write different tensors: they run together, and both end before the reply.
+        const ended = await Promise.allSettled([
           this.ctx.wait(this.ctx.d2d(this.params!, slot, copies), { timeoutMs: OP_TIMEOUT_MS, what: `copying bucket ${req.bucket}` }),
           patches.length
             ? this.ctx.wait(this.ctx.bufPatch(this.params!, slot, patchList, Math.min(16, availableParallelism())), {
@@ -181,6 +181,7 @@ class Receiver {
               })
             : undefined,
         ]);
+        for (const e of ended) if (e.status === "rejected") throw e.reason;
         // Digested now, beside the next bucket's H2D, rather than all at finish.
         if (this.open?.verify) {
           const d = this.digestsOf([...dense.map((t) => t.name), ...patches.map((p) => p.name)]);
@@ -206,6 +207,22 @@ class Receiver {
     }
     this.state = next;
     return reply;
+  }
+
+  #kernels: boolean | undefined;
+
+  /** Whether patches can be applied here: always on the CPU backend; on a GPU once libce's kernels compile (asked once). */
+  kernelsReady(): boolean {
+    if (this.#kernels === undefined) {
+      try {
+        this.ctx.kernels(0);
+        this.#kernels = true;
+      } catch (err) {
+        log.warn(`deltas declined: ${errorMessage(err)}`);
+        this.#kernels = false;
+      }
+    }
+    return this.#kernels;
   }
 
   /** Where each patch lands in the parameters: (dstOffset, dstBytes, positionsOffset, valuesOffset, count, elemBytes). */
