@@ -194,7 +194,7 @@ int ce_kernels_load(ce_ctx_t *ctx, int d) {
   pthread_mutex_unlock(&ctx->mu);
   if (status == 1) return CE_OK;
   if (status == -1) return ce_cuda_fail(why, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
-  /* Compiled outside the lock (the JIT takes a while); only the driver refusing the PTX is kept. */
+  /* Compiled outside the lock (the JIT takes a while); a refusal is kept, so it is asked once. */
   CUresult r = cu.cuCtxSetCurrent(dv->cuctx);
   if (r != CUDA_SUCCESS) return ce_cuda_fail(r, "cuCtxSetCurrent on GPU %d", dv->ordinal);
   CUmodule mod = NULL;
@@ -205,10 +205,14 @@ int ce_kernels_load(ce_ctx_t *ctx, int d) {
   pthread_mutex_lock(&ctx->mu);
   int won = dv->kernels_status == 0;
   if (won && r == CUDA_SUCCESS) dv->kernels = mod, dv->scatter = scatter, dv->digest = digest, dv->kernels_status = 1;
-  if (won && r != CUDA_SUCCESS) dv->kernels_status = -1, dv->kernels_error = r;
+  /* Out of memory may pass; anything else from the JIT says this driver cannot build them. */
+  if (won && r != CUDA_SUCCESS && r != CUDA_ERROR_OUT_OF_MEMORY) dv->kernels_status = -1, dv->kernels_error = r;
+  status = dv->kernels_status;
+  why = dv->kernels_error;
   pthread_mutex_unlock(&ctx->mu);
   if (mod && !(won && r == CUDA_SUCCESS)) cu.cuModuleUnload(mod); /* failed, or another thread's was kept */
-  return r == CUDA_SUCCESS ? CE_OK : ce_cuda_fail(r, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
+  if (status == 1) return CE_OK; /* ours, or another thread's */
+  return ce_cuda_fail(status == -1 ? why : r, "compiling libce's PTX kernels for GPU %d", dv->ordinal);
 }
 
 /* A grid of at most `most` blocks covering n items, a few per thread (the kernels loop by grid stride). */

@@ -69,6 +69,10 @@ export class Pool {
   readonly #digested = new Map<number, number>(); // version → tensors submitted for digesting
   readonly #waiters = new Map<number, Waiter[]>();
   readonly #abandoned = new Set<number>();
+  /** releases of encoded patches under way: close waits for them */
+  readonly #releasing = new Set<Promise<void>>();
+  /** every version's ops, dropped ones too: close waits for them */
+  readonly #inFlight = new Set<Promise<void>>();
   /** version → the hold on its countBase's slot while counts are taken */
   readonly #countHolds = new Map<number, () => void>();
   /** Count what changed against the serving version while a version's bytes arrive (ce serve --delta). */
@@ -310,6 +314,7 @@ export class Pool {
     for (const w of this.versions.values()) {
       if (w.countBase === undefined || w.countBase === version) continue;
       this.#endCounts(w.version);
+      w.countBase = undefined; // its later batches count nothing: the base may go now
       w.counts = undefined;
       this.#releaseEncoded(w);
     }
@@ -387,6 +392,9 @@ export class Pool {
       for (const w of this.#waiters.get(v) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} was deleted`));
     }
     this.versions.clear();
+    // Ops of versions dropped before (an encode's release follows it) and releases under way end first.
+    await Promise.allSettled([...this.#inFlight]);
+    await Promise.allSettled([...this.#releasing]);
     await releaseSlots(this.ctx, this.slots);
     for (const s of this.slots) rmSync(s.path, { force: true });
   }
@@ -397,8 +405,20 @@ export class Pool {
     return v;
   }
 
+  /** An op of version v's: publish waits for it, and so does close (the version may be dropped by then). */
+  #track(v: PoolVersion, op: Promise<void>): void {
+    this.#pending.get(v.version)!.push(op);
+    const settled = op.catch(() => undefined);
+    this.#inFlight.add(settled);
+    void settled.finally(() => this.#inFlight.delete(settled));
+  }
+
   #releaseEncoded(v: PoolVersion): void {
-    for (const e of v.encoded.splice(0)) void e.release().catch((err) => log.warn(`pool ${this.name} version ${v.version}: ${errorMessage(err)}`));
+    for (const e of v.encoded.splice(0)) {
+      const r = e.release().catch((err) => log.warn(`pool ${this.name} version ${v.version}: ${errorMessage(err)}`));
+      this.#releasing.add(r);
+      void r.finally(() => this.#releasing.delete(r));
+    }
   }
 
   #endCounts(version: number): void {
@@ -428,8 +448,8 @@ export class Pool {
       v.digestSeconds += (performance.now() - t0) / 1000;
     });
     done.catch((err) => log.warn(`pool ${this.name} version ${v.version}: digests failed: ${errorMessage(err)}`));
-    this.#pending.get(v.version)!.push(done);
-    if (v.countBase !== undefined) this.#countBatch(v, batch);
+    this.#track(v, done);
+    if (v.countBase !== undefined && v.counts) this.#countBatch(v, batch);
   }
 
   /** Counts the batch's changed elements against the base version; a failure only means the delta compares at update. */
@@ -446,15 +466,15 @@ export class Pool {
         v.countSeconds += (performance.now() - t0) / 1000;
         const e = v.counts && (await this.encoder?.({ tensors: batch, counts: r.counts, oldRegion: old, newRegion: cur }));
         if (!e) return;
-        if (this.versions.get(v.version) === v) v.encoded.push(e);
-        else await e.release(); // dropped meanwhile
+        if (this.versions.get(v.version) === v && v.counts) v.encoded.push(e);
+        else await e.release(); // dropped, or its finds let go, meanwhile
       })
       .catch((err) => {
         log.warn(`pool ${this.name} version ${v.version}: finding changes against version ${v.countBase} failed (a delta will compare at update): ${errorMessage(err)}`);
         v.counts = undefined;
         this.#releaseEncoded(v);
       });
-    this.#pending.get(v.version)!.push(done);
+    this.#track(v, done);
   }
 }
 

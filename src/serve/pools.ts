@@ -80,8 +80,9 @@ export class Pools {
       throw new CeError("E_BUSY", `pool "${name}" is being updated into the engines`, { hint: "wait for the update to end" });
     }
     this.#pools.delete(name);
+    const freedBytes = pool.hostBytes;
     await pool.close();
-    return { name, freedBytes: pool.hostBytes };
+    return { name, freedBytes };
   }
 
   /** A slot for a new version: the trainer writes it (then written… and publish), or ce fills it from files. */

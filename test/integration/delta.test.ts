@@ -157,12 +157,20 @@ for (const worker of ["ref", "python"] as const) {
       "a version counted against the serving one lets that base go once another version is served (a rollback): the base can then be deleted",
       async () => {
         const serving = (daemon.pools.info("policy") as { serving: number }).serving;
-        await daemon.pools.begin("policy", { version: serving + 100 }); // counting against `serving`, not yet published
-        await expect(daemon.pools.deleteVersion("policy", serving)).rejects.toThrow();
+        const next = serving + 100;
+        const begun = (await daemon.pools.begin("policy", { version: next })) as { path: string }; // counting against `serving`
+        const half = layout[Math.floor(layout.length / 2)]!;
+        const v = firstVersion(layout, 500);
+        writeSlot(begun.path, layout, v);
+        daemon.pools.written("policy", next, { bytes: half.offset });
         const rb = (await daemon.pools.rollback("policy")) as { to: number };
         expect(rb.to).toBeLessThan(serving);
         expect(await daemon.pools.deleteVersion("policy", serving)).toMatchObject({ version: serving });
-        await daemon.pools.deleteVersion("policy", serving + 100);
+        // The rest of the push still lands: its update compares against what the engines hold now, at update.
+        daemon.pools.written("policy", next, { bytes: half.offset + half.nbytes });
+        const out = (await daemon.pools.publish("policy", next, { update: true })) as { update: Summary };
+        expect(out.update.verified).toBe(layout.length);
+        expect(out.update.delta).toMatchObject({ base: rb.to, compared: "at update", encoded: "at update" });
       },
       120_000,
     );
