@@ -304,11 +304,9 @@ class Receiver:
                 self.load_fn(weights)
             if patches:
                 apply_patches(self.params, self.mapping.tensor, patches)
-            _synchronize(self.device)  # the copies, and the digests launched, are done: the slot is ce's again
             if self.digests is not None:
-                self.digests.loaded(weights, launched)
-                if patches:
-                    self.digests.also(p.name for p in patches)
+                self.digests.loaded([n for n, _ in weights] + [p.name for p in patches], launched)
+            _synchronize(self.device)  # the copies, and the digests launched, are done: the slot is ce's again
         finally:
             weights.clear()  # the views must not outlive the load: release unmaps the buffer
         self.loaded.update(t.name for t in req.tensors)
