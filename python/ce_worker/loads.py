@@ -90,9 +90,11 @@ def apply_patches(params: Mapping[str, torch.Tensor], buffer: torch.Tensor,
 
     Elements are written through integer views of their size, as bits: a float's NaN payload
     survives (the reason copy_bucket copies bytes). Positions are checked against the tensor first:
-    an index out of range on a GPU is a device-side assert that takes the process down.
+    an index out of range on a GPU is a device-side assert that takes the process down. The checks
+    of every patch of the bucket read their bounds back in one host sync, not two per patch.
     """
     size = buffer.numel()
+    ready = []  # (patch, flat integer view of the parameter, int64 positions, values)
     with torch.no_grad():
         for p in patches:
             try:
@@ -114,10 +116,17 @@ def apply_patches(params: Mapping[str, torch.Tensor], buffer: torch.Tensor,
                     continue
                 pos = buffer[p.positions_offset:p.positions_offset + 4 * p.count].view(torch.int32).long()
                 vals = buffer[p.values_offset:p.values_offset + es * p.count].view(_INTS[es])
-                flat = dst.reshape(-1).view(torch.uint8).view(_INTS[es])
-                lo, hi = int(pos.min()), int(pos.max())
-                if lo < 0 or hi >= flat.numel():
-                    raise IndexError(f"positions reach {lo if lo < 0 else hi}, the tensor has {flat.numel()} elements")
+                ready.append((p, dst.reshape(-1).view(torch.uint8).view(_INTS[es]), pos, vals))
+            except Exception as e:
+                raise tag(e, p.name)
+        if not ready:
+            return
+        bounds = torch.stack([torch.stack([pos.min(), pos.max()]) for _, _, pos, _ in ready]).tolist()
+        for (p, flat, _, _), (lo, hi) in zip(ready, bounds):
+            if lo < 0 or hi >= flat.numel():
+                raise tag(IndexError(f"positions reach {lo if lo < 0 else hi}, the tensor has {flat.numel()} elements"), p.name)
+        for p, flat, pos, vals in ready:
+            try:
                 flat.index_copy_(0, pos, vals)
             except Exception as e:
                 raise tag(e, p.name)
