@@ -116,17 +116,9 @@ export async function encodePatches(
   ctx: Ctx,
   o: { tensors: PlacedTensor[]; counts: number[]; oldRegion: number; newRegion: number; threads?: number },
 ): Promise<Encoded | undefined> {
-  const patches: PatchPlace[] = [];
-  const sparse: number[] = [];
-  let at = 0;
-  o.tensors.forEach((t, i) => {
-    if (chooseForm(t, o.counts[i]!) !== "sparse") return;
-    const count = o.counts[i]!;
-    const nbytes = patchBytes(count, elementBytes(t.dtype)!);
-    patches.push({ name: t.name, count, offset: at, valuesOffset: alignUp(4 * count, ALIGN_BYTES), nbytes });
-    sparse.push(i);
-    at = alignUp(at + nbytes, ALIGN_BYTES);
-  });
+  // planDelta's scratch layout of these tensors: its forced dense tensor (nothing changed) needs no patch.
+  const { patches, scratchBytes: at } = planDelta(o.tensors, o.counts);
+  const index = new Map(o.tensors.map((t, i) => [t.name, i]));
   if (!patches.length) return undefined;
   const t0 = performance.now();
   const a = ctx.regionAlloc(at);
@@ -140,7 +132,7 @@ export async function encodePatches(
     await ctx.wait(a.op, { timeoutMs: OP_TIMEOUT_MS, what: `pinning ${at} bytes of scratch for patches` });
     const enc = new BigUint64Array(patches.length * 10);
     patches.forEach((p, k) => {
-      const t = o.tensors[sparse[k]!]!;
+      const t = o.tensors[index.get(p.name)!]!;
       enc.set(
         [BigInt(o.oldRegion), BigInt(t.offset), BigInt(o.newRegion), BigInt(t.offset), BigInt(t.nbytes), BigInt(compareWidth(t)), BigInt(a.region), BigInt(p.offset), BigInt(p.offset + p.valuesOffset), BigInt(p.count)],
         10 * k,

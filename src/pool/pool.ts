@@ -385,15 +385,14 @@ export class Pool {
 
   /** Unpins and removes every slot file; waits for digests in flight first. */
   async close(): Promise<void> {
-    for (const v of [...this.versions.keys()]) {
-      await Promise.allSettled(this.#pending.get(v) ?? []);
-      this.#endCounts(v);
-      await Promise.allSettled(this.get(v).encoded.splice(0).map((e) => e.release()));
-      for (const w of this.#waiters.get(v) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} was deleted`));
+    // Every op ends first, of dropped versions too (an encode's release follows it).
+    await Promise.allSettled([...this.#inFlight]);
+    for (const [n, v] of this.versions) {
+      this.#endCounts(n);
+      this.#releaseEncoded(v);
+      for (const w of this.#waiters.get(n) ?? []) w.reject(new CeError("E_POOL_VERSION_GONE", `pool ${this.name} was deleted`));
     }
     this.versions.clear();
-    // Ops of versions dropped before (an encode's release follows it) and releases under way end first.
-    await Promise.allSettled([...this.#inFlight]);
     await Promise.allSettled([...this.#releasing]);
     await releaseSlots(this.ctx, this.slots);
     for (const s of this.slots) rmSync(s.path, { force: true });
