@@ -35,7 +35,7 @@ extern "C" {
 #endif
 
 /* ABI version: major*10000 + minor*100 + patch. A signature change bumps the major. */
-#define CE_ABI_VERSION 10600
+#define CE_ABI_VERSION 10700
 
 /* Status codes. */
 #define CE_OK 0
@@ -287,12 +287,13 @@ CE_API int ce_nccl_abort(ce_ctx_t *ctx);
  * (magic, engine): a blob of another engine or a damaged one is refused by name. A read op
  * completes through ce_op_poll like every op; its value is the bytes it read.
  *
- * Engines: UCX (libucp.so.0: RMA gets over what UCX_TLS allows, TCP, shared memory, RDMA; the
- * UCX_* environment applies) and Mooncake (libtransfer_engine.so: loads, endpoints not built yet).
+ * Engines: UCX (libucp.so.0: each read is a request the owner's progress thread answers with the
+ * bytes, over what UCX_TLS allows: TCP, shared memory, RDMA; the UCX_* environment applies) and
+ * Mooncake (libtransfer_engine.so: loads, endpoints not built yet).
  *
- * Over TCP, UCX serves a peer's read in the owner's progress thread from the address the reader
- * names, unchecked: the key does not guard memory there as an RDMA NIC does. Keep UCX on a trusted
- * network, and keep memory registered (and mapped) until its readers are done. */
+ * The owner answers only ranges inside a registration of its own; a reader that dies mid-read
+ * fails the owner's answers to it, nothing else. Keep UCX on a trusted network all the same: the
+ * transports do not authenticate peers. */
 
 #define CE_XFER_UCX 1
 #define CE_XFER_MOONCAKE 2
@@ -322,6 +323,9 @@ CE_API int ce_xfer_register_buf(ce_xfer_t *xfer, ce_buf_t *buf, uint32_t *reg_ou
 /* The remote-key blob of a registration (engine key, base address, size) for the owner to hand
  * to readers. bytes_out as for ce_xfer_address. */
 CE_API int ce_xfer_rkey(ce_xfer_t *xfer, uint32_t reg, uint8_t *rkey, uint64_t len, uint64_t *bytes_out);
+/* Withdraws a registration: new reads of it are refused at once, and it goes once the answers
+ * being sent from it are done; CE_E_BUSY if some still are after 3 s (the registration stays,
+ * withdrawn: call again). */
 CE_API int ce_xfer_deregister(ce_xfer_t *xfer, uint32_t reg);
 /* Connects to a peer's address blob; name (may be NULL) names it in every message ("host 3").
  * Non-blocking: the connection completes in the progress thread, reads may be submitted at once. */

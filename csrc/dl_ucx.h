@@ -19,7 +19,6 @@ typedef struct ucp_context *ucp_context_h;
 typedef struct ucp_worker *ucp_worker_h;
 typedef struct ucp_ep *ucp_ep_h;
 typedef struct ucp_mem *ucp_mem_h;
-typedef struct ucp_rkey *ucp_rkey_h;
 typedef struct ucp_address ucp_address_t;
 
 #define UCS_OK 0
@@ -39,8 +38,8 @@ typedef struct ucp_address ucp_address_t;
 /* ucp_params_t */
 #define UCP_PARAM_FIELD_FEATURES (1ull << 0)
 #define UCP_PARAM_FIELD_NAME (1ull << 8)
-#define UCP_FEATURE_RMA (1ull << 1)
 #define UCP_FEATURE_WAKEUP (1ull << 4)
+#define UCP_FEATURE_AM (1ull << 6)
 typedef struct {
   uint64_t field_mask;
   uint64_t features;
@@ -115,19 +114,46 @@ typedef struct {
 #define UCP_OP_ATTR_FIELD_USER_DATA (1u << 2)
 #define UCP_OP_ATTR_FIELD_MEMORY_TYPE (1u << 6)
 #define UCP_EP_CLOSE_FLAG_FORCE (1u << 0)
+#define UCP_AM_SEND_FLAG_REPLY (1u << 0) /* the receiver's handler gets an endpoint back to the sender */
 typedef void (*ucp_send_nbx_callback_t)(void *request, ucs_status_t status, void *user_data);
+typedef void (*ucp_am_recv_data_nbx_callback_t)(void *request, ucs_status_t status, size_t length, void *user_data);
 typedef struct {
   uint32_t op_attr_mask;
   uint32_t flags;
   void *request;
   union {
     ucp_send_nbx_callback_t send;
+    ucp_am_recv_data_nbx_callback_t recv_am;
   } cb;
   uint64_t datatype;
   void *user_data;
   void *reply_buffer;
   int memory_type;
 } ce_ucp_request_param_t;
+
+/* Active messages: ucp_am_recv_param_t and ucp_am_handler_param_t */
+#define UCP_AM_RECV_ATTR_FIELD_REPLY_EP (1ull << 0)
+#define UCP_AM_RECV_ATTR_FLAG_DATA (1ull << 16) /* data is the payload, valid during the callback */
+#define UCP_AM_RECV_ATTR_FLAG_RNDV (1ull << 17) /* data is a descriptor for ucp_am_recv_data_nbx */
+typedef struct {
+  uint64_t recv_attr;
+  ucp_ep_h reply_ep;
+} ce_ucp_am_recv_param_t;
+/* UCS_OK: done with data; for a rendezvous not received, the sender's send completes with UCS_OK */
+typedef ucs_status_t (*ucp_am_recv_callback_t)(void *arg, const void *header, size_t header_length, void *data,
+                                               size_t length, const ce_ucp_am_recv_param_t *param);
+#define UCP_AM_HANDLER_PARAM_FIELD_ID (1ull << 0)
+#define UCP_AM_HANDLER_PARAM_FIELD_FLAGS (1ull << 1)
+#define UCP_AM_HANDLER_PARAM_FIELD_CB (1ull << 2)
+#define UCP_AM_HANDLER_PARAM_FIELD_ARG (1ull << 3)
+#define UCP_AM_FLAG_WHOLE_MSG (1u << 0)
+typedef struct {
+  uint64_t field_mask;
+  unsigned id;
+  uint32_t flags;
+  ucp_am_recv_callback_t cb;
+  void *arg;
+} ce_ucp_am_handler_param_t;
 
 /* CE_UC(field, symbol, return type, parameter types) */
 #define CE_UCX_SYMBOLS(CE_UC)                                                                            \
@@ -182,18 +208,19 @@ typedef struct {
   CE_UC(ucp_mem_map, "ucp_mem_map", ucs_status_t, (ucp_context_h, const ce_ucp_mem_map_params_t *, ucp_mem_h *)) \
   /* ucs_status_t ucp_mem_unmap(ucp_context_h context, ucp_mem_h memh); */                             \
   CE_UC(ucp_mem_unmap, "ucp_mem_unmap", ucs_status_t, (ucp_context_h, ucp_mem_h))                      \
-  /* ucs_status_t ucp_rkey_pack(ucp_context_h context, ucp_mem_h memh, void **rkey_buffer_p,           \
-       size_t *size_p);  ucp_compat.h since 1.16, still exported */                                    \
-  CE_UC(ucp_rkey_pack, "ucp_rkey_pack", ucs_status_t, (ucp_context_h, ucp_mem_h, void **, size_t *))   \
-  /* void ucp_rkey_buffer_release(void *rkey_buffer); */                                               \
-  CE_UC(ucp_rkey_buffer_release, "ucp_rkey_buffer_release", void, (void *))                            \
-  /* ucs_status_t ucp_ep_rkey_unpack(ucp_ep_h ep, const void *rkey_buffer, ucp_rkey_h *rkey_p); */      \
-  CE_UC(ucp_ep_rkey_unpack, "ucp_ep_rkey_unpack", ucs_status_t, (ucp_ep_h, const void *, ucp_rkey_h *)) \
-  /* void ucp_rkey_destroy(ucp_rkey_h rkey);  after the reads using it, before its endpoint goes */     \
-  CE_UC(ucp_rkey_destroy, "ucp_rkey_destroy", void, (ucp_rkey_h))                                      \
-  /* ucs_status_ptr_t ucp_get_nbx(ucp_ep_h ep, void *buffer, size_t count, uint64_t remote_addr,       \
-       ucp_rkey_h rkey, const ucp_request_param_t *param); */                                          \
-  CE_UC(ucp_get_nbx, "ucp_get_nbx", ucs_status_ptr_t, (ucp_ep_h, void *, size_t, uint64_t, ucp_rkey_h, const ce_ucp_request_param_t *)) \
+  /* ucs_status_t ucp_worker_set_am_recv_handler(ucp_worker_h worker, const ucp_am_handler_param_t *param); \
+     the handler runs inside ucp_worker_progress */                                                  \
+  CE_UC(ucp_worker_set_am_recv_handler, "ucp_worker_set_am_recv_handler", ucs_status_t,               \
+        (ucp_worker_h, const ce_ucp_am_handler_param_t *))                                             \
+  /* ucs_status_ptr_t ucp_am_send_nbx(ucp_ep_h ep, unsigned id, const void *header, size_t header_length, \
+       const void *buffer, size_t count, const ucp_request_param_t *param);  header and buffer must live \
+     until it completes (UCX 1.13 has no UCP_AM_SEND_FLAG_COPY_HEADER) */                              \
+  CE_UC(ucp_am_send_nbx, "ucp_am_send_nbx", ucs_status_ptr_t,                                           \
+        (ucp_ep_h, unsigned, const void *, size_t, const void *, size_t, const ce_ucp_request_param_t *)) \
+  /* ucs_status_ptr_t ucp_am_recv_data_nbx(ucp_worker_h worker, void *data_desc, void *buffer, size_t count, \
+       const ucp_request_param_t *param);  receives a rendezvous message's data into buffer */          \
+  CE_UC(ucp_am_recv_data_nbx, "ucp_am_recv_data_nbx", ucs_status_ptr_t,                                 \
+        (ucp_worker_h, void *, void *, size_t, const ce_ucp_request_param_t *))                        \
   /* ucs_status_t ucp_request_check_status(void *request); */                                          \
   CE_UC(ucp_request_check_status, "ucp_request_check_status", ucs_status_t, (void *))                  \
   /* void ucp_request_free(void *request); */                                                          \

@@ -162,11 +162,12 @@ static int reg_add(ce_xfer_t *x, uint8_t *base, uint64_t bytes, uint32_t region,
   uint8_t *key = NULL;
   uint64_t key_len = 0;
   pthread_mutex_lock(&x->mu);
+  r->id = x->next_reg++; /* before the engine's part: its key may name the registration */
   int rc = x->eng->reg(x, r, &key, &key_len);
   if (rc == CE_OK) {
     r->key = malloc(KEY_HEADER + key_len);
     if (!r->key) {
-      x->eng->dereg(x, r);
+      x->eng->dereg(x, r, 1);
       rc = ce_fail(CE_E_NOMEM, "registering %s: out of host memory", what);
     }
   }
@@ -184,7 +185,6 @@ static int reg_add(ce_xfer_t *x, uint8_t *base, uint64_t bytes, uint32_t region,
   memcpy(r->key + KEY_HEADER, key, key_len);
   free(key);
   r->key_len = KEY_HEADER + key_len;
-  r->id = x->next_reg++;
   r->next = x->regs;
   x->regs = r;
   if (!buf) atomic_fetch_add(&x->ctx->regions[region].registered, 1);
@@ -236,11 +236,14 @@ int ce_xfer_rkey(ce_xfer_t *x, uint32_t reg, uint8_t *rkey, uint64_t len, uint64
   return rc;
 }
 
-static void reg_drop(ce_xfer_t *x, xfer_reg_t **link) {
+/* force: the memory goes anyway (its buffer is being freed), answers in flight or not. */
+static int reg_drop(ce_xfer_t *x, xfer_reg_t **link, int force) {
   xfer_reg_t *r = *link;
+  int rc = x->eng->dereg(x, r, force);
+  if (rc != CE_OK) return rc;
   *link = r->next;
-  x->eng->dereg(x, r);
   reg_free(x, r);
+  return CE_OK;
 }
 
 int ce_xfer_deregister(ce_xfer_t *x, uint32_t reg) {
@@ -248,8 +251,7 @@ int ce_xfer_deregister(ce_xfer_t *x, uint32_t reg) {
   pthread_mutex_lock(&x->mu);
   xfer_reg_t **link = &x->regs;
   while (*link && (*link)->id != reg) link = &(*link)->next;
-  int rc = *link ? CE_OK : ce_fail(CE_E_INVAL, "registration %u is unknown", reg);
-  if (*link) reg_drop(x, link);
+  int rc = *link ? reg_drop(x, link, 0) : ce_fail(CE_E_INVAL, "registration %u is unknown", reg);
   pthread_mutex_unlock(&x->mu);
   return rc;
 }
@@ -261,7 +263,7 @@ void ce_xfers_forget_buf(ce_ctx_t *ctx, struct ce_buf *buf) {
     xfer_reg_t **link = &x->regs;
     while (*link) {
       if ((*link)->buf == buf)
-        reg_drop(x, link);
+        reg_drop(x, link, 1);
       else
         link = &(*link)->next;
     }

@@ -15,7 +15,7 @@ typedef struct xfer_reg {
   struct ce_buf *buf;
   uint8_t *base;
   uint64_t bytes;
-  void *mem;         /* engine's handle (ucp_mem_h) */
+  void *mem;         /* engine's state (UCX: its mapping, the answers being sent from it) */
   uint8_t *key;      /* the whole remote-key blob handed to readers (xfer.c's format) */
   uint64_t key_len;
   struct xfer_reg *next;
@@ -58,7 +58,9 @@ typedef struct {
   void (*close)(ce_xfer_t *x, int status, const char *msg);
   /* Under x->mu. Maps r->base..+bytes; fills r->mem and the engine's key bytes (malloc'd). */
   int (*reg)(ce_xfer_t *x, xfer_reg_t *r, uint8_t **key_out, uint64_t *key_len_out);
-  void (*dereg)(ce_xfer_t *x, xfer_reg_t *r);
+  /* Under x->mu. Unmaps r once no peer is being answered from it; CE_E_BUSY (last error set) if
+   * one still is after a bounded wait, unless force. */
+  int (*dereg)(ce_xfer_t *x, xfer_reg_t *r, int force);
   /* Under x->mu. addr: the engine's part of the address blob. */
   int (*connect)(ce_xfer_t *x, xfer_peer_t *p, const uint8_t *addr, uint64_t len);
   /* Under x->mu: closes the endpoint, its reads fail with p->status. */

@@ -8,7 +8,7 @@ import { config } from "../base/config";
 import { NativeError } from "../base/errors";
 
 /** csrc/ce.h CE_ABI_VERSION this build of ce is written against. */
-export const ABI_VERSION = 10600;
+export const ABI_VERSION = 10700;
 
 export const CE_OK = 0;
 export const CE_INPROGRESS = 1;
