@@ -7,6 +7,12 @@ import { ALIGN_BYTES, type Plan, type TensorRef, alignDown, alignUp, checkAlign,
 
 export const DEFAULT_BUCKET_BYTES = 1024 ** 3;
 
+/** A checkpoint is cut into at least this many buckets (unless its largest tensor forbids): the
+ *  pipeline's fill (the first bucket's H2D) and drain (the last one's reload) then cost an eighth of
+ *  the update at most. Measured on an H200, Qwen3-0.6B: 378 MiB buckets (a third of it) 26.5 ms,
+ *  297 MiB (its largest tensor) 23.5 ms, against a 21.7 ms floor. */
+export const MIN_BUCKETS = 8;
+
 /** H2D ∥ broadcast ∥ reload. */
 export const DEFAULT_SLOTS = 3;
 
@@ -64,7 +70,7 @@ function plural(n: number, word: string): string {
 /**
  * Picks bucket size, slots and staging from the memory available.
  *
- * Default bucket: max(largest tensor, min(1 GiB, total / (slots + staging))), so a small checkpoint
+ * Default bucket: max(largest tensor, min(1 GiB, total / MIN_BUCKETS)), so a small checkpoint
  * keeps three slots but never occupies more GPU memory than its own size (plus the largest tensor's
  * rounding). Slots and staging are never more than the buckets the checkpoint fills. When
  * (slots + staging) × bucket does not fit in freeBytes − reserve: first fewer slots (3 → 2 → 1 =
@@ -102,7 +108,7 @@ export function autoSize(input: AutoSizeInput): AutoSize {
       );
     }
   } else {
-    bucket = Math.max(largest, Math.min(input.defaultBucketBytes ?? DEFAULT_BUCKET_BYTES, alignUp(Math.ceil(total / (wantSlots + wantStaging)), align)));
+    bucket = Math.max(largest, Math.min(input.defaultBucketBytes ?? DEFAULT_BUCKET_BYTES, alignUp(Math.ceil(total / Math.max(MIN_BUCKETS, wantSlots + wantStaging)), align)));
   }
 
   // More buffers than buckets would only hold memory: a 1 GiB checkpoint never takes 3 GiB of slots.
@@ -111,7 +117,7 @@ export function autoSize(input: AutoSizeInput): AutoSize {
   const staging = Math.min(wantStaging, nbuckets);
   if (input.slots !== undefined && slots < input.slots) {
     fallbacks.push(
-      `${plural(input.slots, "slot")} requested, but the checkpoint fills only ${plural(nbuckets, "bucket")} of ${formatBytes(bucket)}: using ${plural(slots, "slot")}.`,
+      `${plural(input.slots, "slot")} requested, but ${plural(slots, "slot")} of ${formatBytes(bucket)} already hold the whole checkpoint (${formatBytes(input.totalBytes)}): using ${plural(slots, "slot")}.`,
     );
   }
 

@@ -262,7 +262,7 @@ for (const { backend, skip, why } of backends) {
         rmSync(ckptDir, { recursive: true, force: true });
       });
 
-      test("the trace shows the H2D of bucket i+1 running while the worker reloads bucket i", { timeout: 120_000 }, async () => {
+      test("the trace shows the H2D of later buckets running while the worker reloads an earlier one", { timeout: 120_000 }, async () => {
         // Buckets large enough that one H2D outlasts the round trip that starts the previous reload.
         const big = mkdtempSync(join(SHM, `ce-test-big-${process.pid}-`));
         try {
@@ -274,10 +274,10 @@ for (const { backend, skip, why } of backends) {
             // 24 tensors of 8 MiB in 32 MiB buckets: 5 full ones, and the last bucket's worth cut in four.
             expect(s.buckets).toBe(9);
             const during = (h: [number, number], r: [number, number]) => h[0] < r[1] && h[1] > r[0];
-            // On a GPU the copy engine fills bucket i+1 exactly while bucket i is reloaded; on the CPU
-            // backend the memcpy outruns the worker, so later buckets' H2D runs during reload i.
-            const ahead = backend === "cuda" ? 1 : 1 + s.slots;
-            const overlaps = s.trace.filter((b, i) => s.trace.slice(i + 1, i + ahead + 1).some((n) => n.h2d !== undefined && during(n.h2d, b.reload[0]!)));
+            // Which later bucket's H2D runs during reload i depends on how the reload compares with
+            // an H2D: a slow reload (CPU backend) lets the copies run slots ahead, a fast one (the GPU,
+            // 32 MiB in tens of microseconds) finds bucket i+1 done and i+slots waiting for its slot.
+            const overlaps = s.trace.filter((b, i) => s.trace.slice(i + 1, i + s.slots + 1).some((n) => n.h2d !== undefined && during(n.h2d, b.reload[0]!)));
             expect(overlaps.length).toBeGreaterThan(0);
           } finally {
             await unregister(sctx, reg);

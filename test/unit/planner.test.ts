@@ -406,9 +406,9 @@ describe("autoSize", () => {
       fallbacks: 0,
     },
     {
-      name: "a 1 GiB checkpoint keeps 3 slots in 1 GiB of GPU memory, not 3 GiB",
+      name: "a 1 GiB checkpoint is cut into 8 buckets, its 3 slots in 384 MiB of GPU memory, not 3 GiB",
       input: { totalBytes: GiB, largestTensorBytes: 10 * MiB },
-      want: { bucketBytes: Math.ceil(GiB / 3 / 256) * 256, slots: 3, mode: "pipelined" },
+      want: { bucketBytes: GiB / 8, slots: 3, mode: "pipelined", deviceBytes: 3 * (GiB / 8) },
       fallbacks: 0,
     },
     {
@@ -548,7 +548,7 @@ describe("planUpdate and fewerBuffers: the one place sizes are decided", () => {
   const tensors = (sizes: number[]): TensorRef[] => fileOf(0, sizes);
 
   test("the CPU backend sizes its buffers for what it moves: 64 MiB buckets, two slots, no staging when direct", () => {
-    const u = planUpdate({ backend: "cpu", tensors: tensors(Array(40).fill(8 * MiB)), ndev: 2, broadcast: false, freeBytes: 20 * GiB });
+    const u = planUpdate({ backend: "cpu", tensors: tensors(Array(80).fill(8 * MiB)), ndev: 2, broadcast: false, freeBytes: 20 * GiB });
     expect(u.plan.bucketBytes).toBe(64 * MiB);
     expect(u.slots).toBe(2);
     expect(u.staging).toBe(0);
