@@ -1,15 +1,8 @@
 /* The UCX engine of transfer endpoints: one UCP context and worker per endpoint, reads as active
- * messages, and a progress thread of libce's own. A reader sends a request (registration, address,
- * length) and the owner answers with the bytes, UCX choosing eager or rendezvous (zero-copy where
- * the transport has it). Not RMA gets: over TCP UCX emulates a get with its own internal reply,
- * whose failure when the reader dies aborts the owner's process (1.13: an assertion in
- * uct_tcp_ep_pending_purge; 1.16: "unexpected error: Endpoint timeout" in ucp_get_req_handler);
- * an active message is a request of ours, and its failure comes back to our callback. The thread
- * sleeps on the worker's event fd (UCP_FEATURE_WAKEUP) and an eventfd of ours, so an idle
- * endpoint costs nothing, yet it answers the peers that read from us. */
-#include "xfer.h"
-
-#include "dl_ucx.h"
+ * messages (xfer_ucx_read.c), and a progress thread of libce's own. The thread sleeps on the
+ * worker's event fd (UCP_FEATURE_WAKEUP) and an eventfd of ours, so an idle endpoint costs
+ * nothing, yet it answers the peers that read from us. */
+#include "xfer_ucx.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -35,72 +28,6 @@
 /* How long a deregistration waits for the answers being sent from it before it is refused. */
 #define DEREG_DRAIN_MS 3000
 
-/* Active message ids: a read's request (reader to owner) and its answer (owner to reader). */
-#define AM_READ 0xce1
-#define AM_DATA 0xce2
-
-/* The request's header. cookie names the reader's piece: a slot index and its generation, so a
- * late or forged answer finds no piece instead of a freed one. */
-typedef struct {
-  uint64_t cookie;
-  uint64_t addr; /* in the owner's address space, inside registration reg */
-  uint64_t bytes;
-  uint32_t reg;
-  uint32_t pad;
-} read_req_t;
-
-/* The answer's header; the payload is the bytes, or the owner's reason when status is not CE_OK. */
-typedef struct {
-  uint64_t cookie;
-  int32_t status;
-  uint32_t pad;
-} read_ans_t;
-
-/* One piece of a read, from its request until its answer is in place. Its slot is reused only once
- * UCX holds neither its request's send nor its answer's receive. */
-typedef struct {
-  ce_xfer_t *x;
-  xfer_read_t *rd; /* NULL once its outcome is told */
-  uint32_t peer;   /* the peer's id */
-  uint32_t gen;
-  uint32_t index;
-  /* Set before the call that hands UCX the request: UCX may run the callback inside that call. */
-  int sending;   /* the request's send */
-  int receiving; /* the answer's rendezvous receive */
-  int idle;      /* on the free stack */
-  uint8_t *dst;
-  uint64_t bytes;
-  read_req_t req; /* lives until sent */
-} ucx_piece_t;
-
-/* A registration's side in UCX: its mapping and the answers being sent from it. */
-typedef struct {
-  ucp_mem_h memh;
-  uint32_t serving;
-  int withdrawn; /* being deregistered: new requests are refused */
-} ucx_mem_t;
-
-/* An answer in flight: its header and reason live until UCX has sent them. */
-typedef struct {
-  read_ans_t ans;
-  ucx_mem_t *mem; /* NULL for a refusal */
-  char reason[256];
-} ucx_answer_t;
-
-typedef struct {
-  ucp_context_h context;
-  ucp_worker_h worker;
-  int efd;     /* the worker's */
-  int wake_fd; /* eventfd: new work, a stop */
-  pthread_t thread;
-  int thread_started;
-  _Atomic int stop;
-  ucx_piece_t **pieces; /* slots, each allocated once */
-  uint32_t npieces, cap;
-  uint32_t *free_slots; /* a stack of idle slot indexes */
-  uint32_t nfree;
-} ucx_t;
-
 typedef struct {
   ce_xfer_t *x;
   xfer_peer_t *peer;
@@ -111,7 +38,7 @@ typedef struct {
 } ucx_peer_t;
 
 /* UCX statuses that mean the peer or the path to it is gone. */
-static int ucx_status_ce(ucs_status_t s) {
+int ucx_status_ce(ucs_status_t s) {
   int gone = s == -25 /* CONNECTION_RESET */ || s == -6 /* UNREACHABLE */ || s == -24 /* NOT_CONNECTED */ ||
              s == -16 /* CANCELED */ || (s <= -40 && s >= -89) /* link and endpoint failures */;
   return gone ? CE_E_PEER : CE_E_P2P;
@@ -122,179 +49,6 @@ static void ucx_wake(ce_xfer_t *x) {
   uint64_t one = 1;
   ssize_t n = write(u->wake_fd, &one, sizeof one); /* EAGAIN: already signalled */
   (void)n;
-}
-
-/* ---- pieces (the reader's side) ---- */
-
-static ucx_piece_t *piece_new(ucx_t *u) {
-  if (u->nfree == 0) {
-    if (u->npieces == u->cap) {
-      uint32_t cap = u->cap ? 2 * u->cap : 256;
-      ucx_piece_t **pieces = realloc(u->pieces, cap * sizeof *pieces);
-      if (!pieces) return NULL;
-      u->pieces = pieces;
-      uint32_t *free_slots = realloc(u->free_slots, cap * sizeof *free_slots);
-      if (!free_slots) return NULL;
-      u->free_slots = free_slots;
-      u->cap = cap;
-    }
-    ucx_piece_t *pc = calloc(1, sizeof *pc);
-    if (!pc) return NULL;
-    pc->index = u->npieces;
-    u->pieces[u->npieces++] = pc;
-    pc->idle = 1;
-    u->free_slots[u->nfree++] = pc->index;
-  }
-  ucx_piece_t *pc = u->pieces[u->free_slots[--u->nfree]];
-  pc->gen++;
-  pc->idle = 0;
-  return pc;
-}
-
-static void piece_idle_check(ucx_t *u, ucx_piece_t *pc) {
-  if (pc->rd || pc->sending || pc->receiving || pc->idle) return;
-  pc->idle = 1;
-  u->free_slots[u->nfree++] = pc->index;
-}
-
-/* Tells the piece's outcome once; the slot goes back when UCX is done with it too. */
-static void piece_end(ucx_piece_t *pc, int status, const char *msg) {
-  xfer_read_t *rd = pc->rd;
-  if (rd) {
-    pc->rd = NULL;
-    xfer_piece_done(rd, status, msg);
-  }
-  piece_idle_check(pc->x->impl, pc);
-}
-
-static void piece_sent(void *request, ucs_status_t s, void *user_data) {
-  ucx_piece_t *pc = user_data;
-  ucx.ucp_request_free(request);
-  pc->sending = 0;
-  if (s != UCS_OK) piece_end(pc, ucx_status_ce(s), ucx.ucs_status_string(s));
-  else piece_idle_check(pc->x->impl, pc);
-}
-
-static void piece_received(void *request, ucs_status_t s, size_t length, void *user_data) {
-  (void)length;
-  ucx_piece_t *pc = user_data;
-  ucx.ucp_request_free(request);
-  pc->receiving = 0;
-  piece_end(pc, s == UCS_OK ? CE_OK : ucx_status_ce(s), s == UCS_OK ? NULL : ucx.ucs_status_string(s));
-}
-
-/* Fails p's pieces still waiting for an answer (a receive under way ends through UCX). */
-static void pieces_fail_peer(ucx_t *u, xfer_peer_t *p) {
-  for (uint32_t i = 0; i < u->npieces; i++) {
-    ucx_piece_t *pc = u->pieces[i];
-    if (pc->rd && pc->peer == p->id && !pc->receiving) piece_end(pc, p->status, p->msg);
-  }
-}
-
-/* AM_DATA: an answer. Runs inside ucp_worker_progress, under x->mu. */
-static ucs_status_t ucx_on_data(void *arg, const void *header, size_t header_length, void *data, size_t length,
-                                const ce_ucp_am_recv_param_t *param) {
-  ce_xfer_t *x = arg;
-  ucx_t *u = x->impl;
-  read_ans_t ans;
-  if (header_length != sizeof ans) return UCS_OK;
-  memcpy(&ans, header, sizeof ans);
-  uint32_t index = (uint32_t)ans.cookie, gen = (uint32_t)(ans.cookie >> 32);
-  ucx_piece_t *pc = index < u->npieces ? u->pieces[index] : NULL;
-  if (!pc || pc->gen != gen || !pc->rd || pc->receiving) return UCS_OK; /* a piece that ended (deadline, close) */
-  int rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
-  if (ans.status != CE_OK) {
-    char why[257] = "";
-    if (!rndv) memcpy(why, data, length < 256 ? length : 256);
-    piece_end(pc, ans.status, why);
-    return UCS_OK;
-  }
-  if (length != pc->bytes) {
-    char why[128];
-    snprintf(why, sizeof why, "the peer answered %zu bytes for a read of %llu", length, (unsigned long long)pc->bytes);
-    piece_end(pc, CE_E_P2P, why);
-    return UCS_OK;
-  }
-  if (!rndv) {
-    memcpy(pc->dst, data, length);
-    piece_end(pc, CE_OK, NULL);
-    return UCS_OK;
-  }
-  ce_ucp_request_param_t prm = {
-      .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE,
-      .cb.recv_am = piece_received,
-      .user_data = pc,
-      .memory_type = UCS_MEMORY_TYPE_HOST,
-  };
-  pc->receiving = 1;
-  ucs_status_ptr_t sp = ucx.ucp_am_recv_data_nbx(u->worker, data, pc->dst, length, &prm);
-  if (!CE_UCS_PTR_IS_PTR(sp)) {
-    ucs_status_t s = sp ? CE_UCS_PTR_STATUS(sp) : UCS_OK;
-    pc->receiving = 0;
-    piece_end(pc, s == UCS_OK ? CE_OK : ucx_status_ce(s), s == UCS_OK ? NULL : ucx.ucs_status_string(s));
-  }
-  return UCS_OK;
-}
-
-/* ---- answers (the owner's side) ---- */
-
-static void answer_free(ucx_answer_t *a) {
-  if (a->mem) a->mem->serving--;
-  free(a);
-}
-
-static void answer_sent(void *request, ucs_status_t s, void *user_data) {
-  (void)s; /* a reader that died: nothing to do here, it fails its own read */
-  ucx.ucp_request_free(request);
-  answer_free(user_data);
-}
-
-/* The registration a request may read: known, and the whole range inside it. */
-static xfer_reg_t *answer_reg(ce_xfer_t *x, const read_req_t *q, char *why, size_t why_len) {
-  for (xfer_reg_t *r = x->regs; r; r = r->next) {
-    if (r->id != q->reg || ((ucx_mem_t *)r->mem)->withdrawn) continue;
-    uint64_t base = (uint64_t)(uintptr_t)r->base;
-    if (q->addr >= base && ce_range_ok(q->addr - base, q->bytes, r->bytes)) return r;
-    snprintf(why, why_len, "%llu bytes at %#llx are outside registration %u of %llu bytes", (unsigned long long)q->bytes,
-             (unsigned long long)q->addr, q->reg, (unsigned long long)r->bytes);
-    return NULL;
-  }
-  snprintf(why, why_len, "registration %u is not (or no longer) registered there", q->reg);
-  return NULL;
-}
-
-/* AM_READ: a reader's request. Runs inside ucp_worker_progress, under x->mu. */
-static ucs_status_t ucx_on_read(void *arg, const void *header, size_t header_length, void *data, size_t length,
-                                const ce_ucp_am_recv_param_t *param) {
-  (void)data;
-  (void)length;
-  ce_xfer_t *x = arg;
-  read_req_t q;
-  if (header_length != sizeof q || !(param->recv_attr & UCP_AM_RECV_ATTR_FIELD_REPLY_EP)) return UCS_OK;
-  memcpy(&q, header, sizeof q);
-  ucx_answer_t *a = calloc(1, sizeof *a);
-  if (!a) return UCS_OK; /* the reader's deadline ends its read */
-  a->ans.cookie = q.cookie;
-  xfer_reg_t *r = answer_reg(x, &q, a->reason, sizeof a->reason);
-  const void *payload = a->reason;
-  size_t bytes = strlen(a->reason);
-  if (r) {
-    a->mem = r->mem;
-    a->mem->serving++;
-    payload = (const void *)(uintptr_t)q.addr;
-    bytes = q.bytes;
-  } else {
-    a->ans.status = CE_E_INVAL;
-  }
-  ce_ucp_request_param_t prm = {
-      .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE,
-      .cb.send = answer_sent,
-      .user_data = a,
-      .memory_type = UCS_MEMORY_TYPE_HOST,
-  };
-  ucs_status_ptr_t sp = ucx.ucp_am_send_nbx(param->reply_ep, AM_DATA, &a->ans, sizeof a->ans, payload, bytes, &prm);
-  if (!CE_UCS_PTR_IS_PTR(sp)) answer_free(a);
-  return UCS_OK;
 }
 
 /* ---- peers ---- */
@@ -367,7 +121,7 @@ static void ucx_reap(ce_xfer_t *x) {
       ucs_status_ptr_t sp = ucx.ucp_ep_close_nbx(p->ep, &prm);
       p->ep = NULL;
       if (CE_UCS_PTR_IS_PTR(sp)) up->close_req = sp;
-      pieces_fail_peer(x->impl, p);
+      ucx_pieces_fail_peer(x->impl, p);
     }
     if (up->close_req && ucx.ucp_request_check_status(up->close_req) != UCS_INPROGRESS) {
       ucx.ucp_request_free(up->close_req);
@@ -413,9 +167,7 @@ static void ucx_free(ucx_t *u) {
   if (u->worker) ucx.ucp_worker_destroy(u->worker);
   if (u->context) ucx.ucp_cleanup(u->context);
   if (u->wake_fd >= 0) close(u->wake_fd);
-  for (uint32_t i = 0; i < u->npieces; i++) free(u->pieces[i]);
-  free(u->pieces);
-  free(u->free_slots);
+  ucx_pieces_free(u);
   free(u);
 }
 
@@ -583,43 +335,6 @@ static int ucx_reg(ce_xfer_t *x, xfer_reg_t *r, uint8_t **key_out, uint64_t *key
   memcpy(*key_out, &r->id, sizeof r->id);
   *key_len_out = sizeof r->id;
   return CE_OK;
-}
-
-/* ---- reads ---- */
-
-static int ucx_get(ce_xfer_t *x, xfer_read_t *rd, const uint8_t *key, uint64_t key_len, void *dst, uint64_t remote_addr,
-                   uint64_t bytes) {
-  xfer_peer_t *p = rd->peer;
-  if (key_len != sizeof(uint32_t))
-    return ce_fail(CE_E_INVAL, "reading from peer %u (%s): a UCX remote key has 4 bytes, this one %llu", p->id, p->name,
-                   (unsigned long long)key_len);
-  ucx_piece_t *pc = piece_new(x->impl);
-  if (!pc) return ce_fail(CE_E_NOMEM, "reading from peer %u (%s): out of host memory", p->id, p->name);
-  pc->x = x;
-  pc->rd = rd;
-  pc->peer = p->id;
-  pc->dst = dst;
-  pc->bytes = bytes;
-  pc->req = (read_req_t){.cookie = (uint64_t)pc->gen << 32 | pc->index, .addr = remote_addr, .bytes = bytes};
-  memcpy(&pc->req.reg, key, sizeof pc->req.reg);
-  ce_ucp_request_param_t prm = {
-      .op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS,
-      .flags = UCP_AM_SEND_FLAG_REPLY,
-      .cb.send = piece_sent,
-      .user_data = pc,
-  };
-  pc->sending = 1;
-  ucs_status_ptr_t sp = ucx.ucp_am_send_nbx(p->ep, AM_READ, &pc->req, sizeof pc->req, NULL, 0, &prm);
-  if (CE_UCS_PTR_IS_PTR(sp)) return CE_INPROGRESS; /* the answer completes it */
-  pc->sending = 0;
-  if (!sp) {
-    piece_idle_check(x->impl, pc);
-    return CE_INPROGRESS;
-  }
-  ucs_status_t s = CE_UCS_PTR_STATUS(sp);
-  pc->rd = NULL; /* the caller tells this piece's failure */
-  piece_idle_check(x->impl, pc);
-  return ce_ucx_fail(ucx_status_ce(s), s, "asking peer %u (%s) for %llu bytes", p->id, p->name, (unsigned long long)bytes);
 }
 
 /* ---- ce doctor ---- */
