@@ -1,7 +1,7 @@
 // Synthetic checkpoints of real shape: tensor names and shapes from models/*.json, bytes from a seeded
 // generator, written as HF-like safetensors shards. Used by `ce bench`, the tests and the GPU suite.
-import { existsSync, statSync } from "node:fs";
-import { type FileHandle, mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { existsSync, mkdirSync, statSync } from "node:fs";
+import { type FileHandle, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { type Checkpoint, INDEX_FILE, openCheckpoint } from "./checkpoint";
 import { InputError } from "../base/errors";
@@ -201,7 +201,9 @@ export async function writeSyntheticCheckpoint(opts: SynthOptions): Promise<Chec
   }
   const plan: ShardPlan[] = shards.map((s, i) => ({ ...s, fileName: shardFileName(i, shards.length) }));
 
-  await mkdir(opts.dir, { recursive: true });
+  // Synchronous: a signal handler that deletes the directory runs on this thread, so it can never
+  // run before a mkdir still queued on an I/O thread that would make the directory again.
+  mkdirSync(opts.dir, { recursive: true });
   const ours = new Set(plan.map((p) => p.fileName));
   if (plan.length > 1) ours.add(INDEX_FILE);
   const foreign = (await readdir(opts.dir)).filter(

@@ -25,7 +25,9 @@ export function scratchDir(bytesNeeded: number): string {
 const synthDirs = new Set<string>();
 
 function removeDir(dir: string): void {
-  rmSync(dir, { recursive: true, force: true });
+  // Retries: a shard's open still in flight on an I/O thread may add a file while the tree is
+  // being removed (ENOTEMPTY).
+  rmSync(dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 20 });
   synthDirs.delete(dir);
 }
 
