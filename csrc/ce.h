@@ -289,7 +289,10 @@ CE_API int ce_nccl_abort(ce_ctx_t *ctx);
  *
  * Engines: UCX (libucp.so.0: each read is a request the owner's progress thread answers with the
  * bytes, over what UCX_TLS allows: TCP, shared memory, RDMA; the UCX_* environment applies) and
- * Mooncake (libtransfer_engine.so: loads, endpoints not built yet).
+ * Mooncake (libtransfer_engine.so, its C API: P2P-handshake metadata, no etcd; the transport
+ * CE_MOONCAKE_PROTO names, default tcp; peers reach it at CE_MOONCAKE_HOST, default the host name).
+ * Mooncake cannot cancel a transfer: a read from a source that stops answering fails its peer at
+ * the deadline, but ends only when Mooncake ends it or the endpoint is destroyed.
  *
  * The owner answers only ranges inside a registration of its own; a reader that dies mid-read
  * fails the owner's answers to it, nothing else. Keep UCX on a trusted network all the same: the

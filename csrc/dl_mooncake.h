@@ -18,7 +18,10 @@ typedef struct {
   uint64_t length;
 } ce_mc_request_t;
 
-/* struct transfer_status: STATUS_COMPLETED 4, STATUS_TIMEOUT 5, STATUS_FAILED 6, ... */
+/* struct transfer_status: STATUS_WAITING 0, PENDING 1, INVALID 2, CANCELED 3, COMPLETED 4, TIMEOUT 5,
+ * FAILED 6; filled only when getTransferStatus returns 0. */
+#define CE_MC_STATUS_COMPLETED 4
+#define CE_MC_OPCODE_READ 0
 typedef struct {
   int status;
   uint64_t transferred_bytes;
@@ -29,6 +32,12 @@ typedef struct {
        const char *local_server_name, const char *ip_or_host_name, uint64_t rpc_port, int auto_discover); \
      NULL on failure, without a reason; "P2PHANDSHAKE" as metadata needs no etcd */                    \
   CE_MC(createTransferEngine, "createTransferEngine", void *, (const char *, const char *, const char *, uint64_t, int)) \
+  /* int getLocalIpAndPort(transfer_engine_t engine, char *buf_out, size_t buf_len);  the segment name  \
+     peers open, "host:port" of its handshake listener; always 0 */                                   \
+  CE_MC(getLocalIpAndPort, "getLocalIpAndPort", int, (void *, char *, size_t))                         \
+  /* transport_t installTransport(transfer_engine_t engine, const char *proto, void **args);  NULL:    \
+     failed; before any openSegment, whose handshake sends the transports */                           \
+  CE_MC(installTransport, "installTransport", void *, (void *, const char *, void **))                 \
   /* void destroyTransferEngine(transfer_engine_t engine); */                                          \
   CE_MC(destroyTransferEngine, "destroyTransferEngine", void, (void *))                                \
   /* int registerLocalMemory(transfer_engine_t engine, void *addr, size_t length, const char *location, \
@@ -36,7 +45,8 @@ typedef struct {
   CE_MC(registerLocalMemory, "registerLocalMemory", int, (void *, void *, size_t, const char *, int))  \
   /* int unregisterLocalMemory(transfer_engine_t engine, void *addr); */                               \
   CE_MC(unregisterLocalMemory, "unregisterLocalMemory", int, (void *, void *))                         \
-  /* segment_id_t openSegment(transfer_engine_t engine, const char *segment_name); */                  \
+  /* segment_id_t openSegment(transfer_engine_t engine, const char *segment_name);  >= 1, or -1; the   \
+     first call for a name handshakes with the peer (TCP, blocking), later ones return the cached id */ \
   CE_MC(openSegment, "openSegment", int32_t, (void *, const char *))                                   \
   /* int closeSegment(transfer_engine_t engine, segment_id_t segment_id); */                           \
   CE_MC(closeSegment, "closeSegment", int, (void *, int32_t))                                          \

@@ -5,9 +5,17 @@
 // registrations first.
 import { CeError } from "../base/errors";
 import type { Ctx } from "../native/ce";
-import { Xfer } from "../native/xfer";
+import { Xfer, type XferEngine } from "../native/xfer";
+import { config } from "../base/config";
 import type { Registration } from "../checkpoint/registry";
 import type { Offer } from "./layout";
+
+/** CE_P2P_ENGINE: every host must use the same (addresses name their engine, and another is refused). */
+function p2pEngine(): XferEngine {
+  const e = config.CE_P2P_ENGINE;
+  if (e !== "ucx" && e !== "mooncake") throw new CeError("E_CONFIG", `CE_P2P_ENGINE "${e}" is not a transfer engine`, { hint: "use ucx or mooncake" });
+  return e;
+}
 
 interface Lent {
   ids: number[];
@@ -22,9 +30,9 @@ export class Lender {
 
   constructor(private readonly ctx: Ctx) {}
 
-  /** The host's transfer endpoint, made at first use (a host that never pulls or lends loads no UCX). */
+  /** The host's transfer endpoint, made at first use (a host that never pulls or lends loads no engine). */
   endpoint(): Xfer {
-    this.#xfer ??= Xfer.create(this.ctx, "ucx");
+    this.#xfer ??= Xfer.create(this.ctx, p2pEngine());
     return this.#xfer;
   }
 

@@ -1,5 +1,5 @@
-// One process of a transfer-endpoint test: a libce context on the CPU backend with one UCX
-// endpoint, driven by JSON lines on stdin like native-rank.ts (native-ranks.ts's RankProc drives it).
+// One process of a transfer-endpoint test: a libce context on the CPU backend with one transfer
+// endpoint (UCX, or Mooncake with CE_TEST_XFER_ENGINE=mooncake), driven by JSON lines on stdin like native-rank.ts (native-ranks.ts's RankProc drives it).
 //   bun test/helpers/xfer-peer.ts cpu 0
 // A source registers seeded random bytes; a reader connects to it and pulls ranges, checking every
 // byte against the same seed. Blobs travel as hex.
@@ -27,7 +27,7 @@ function fdCount(): number {
 }
 
 function endpoint(): Xfer {
-  xfer ??= Xfer.create(ctx, "ucx");
+  xfer ??= Xfer.create(ctx, process.env.CE_TEST_XFER_ENGINE === "mooncake" ? "mooncake" : "ucx");
   return xfer;
 }
 

@@ -1,9 +1,11 @@
 // P2P updates (issue 23) between `ce serve` processes on loopback: a host that holds nothing (a new
 // instance) updates its CPU-backend workers by reading the version from the hosts that hold it, over
-// UCX TCP, while the sources keep updating their own workers and the third host is never touched.
+// UCX TCP (and Mooncake's TCP where its library is built), while the sources keep updating their own
+// workers and the third host is never touched.
 // Workers verify every tensor by digest against the sources' registrations. A source SIGKILLed
 // mid-pull fails the pull naming it; restarted, everything works again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { config } from "../../src/base/config";
 import { probeLibrary } from "../../src/native/libce";
 import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
 import { type TestCheckpoint, smallCheckpoint, within } from "../helpers/update";
@@ -20,13 +22,26 @@ const ucx = (() => {
   }
 })();
 
-describe.skipIf(!ucx.ok)(`P2P updates between ce serve hosts over UCX TCP (${ucx.reason})`, () => {
+// And over Mooncake's transfer engine (TCP, P2P handshake) where its library loads (CE_MOONCAKE_LIB).
+const mooncake = (() => {
+  try {
+    return { ok: true, reason: probeLibrary(config.CE_MOONCAKE_LIB) };
+  } catch (err) {
+    return { ok: false, reason: `skipped: ${err instanceof Error ? err.message : String(err)}` };
+  }
+})();
+const ENGINES = [
+  { name: "UCX TCP", ...ucx, env: UCX_ENV },
+  { name: "Mooncake TCP", ...mooncake, env: { CE_P2P_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" } },
+];
+
+for (const engine of ENGINES) describe.skipIf(!engine.ok)(`P2P updates between ce serve hosts over ${engine.name} (${engine.reason})`, () => {
   // host 0 and host 1 (one device each) hold checkpoints; host 2 (two devices) is the new instance.
   let hosts: Host[] = [];
   let whole: TestCheckpoint;
   let split: TestCheckpoint;
   let big: TestCheckpoint;
-  const start = (rank: number, port: number) => startHost(rank, rank === 2 ? 2 : 1, port, { nnodes: NNODES, env: UCX_ENV });
+  const start = (rank: number, port: number) => startHost(rank, rank === 2 ? 2 : 1, port, { nnodes: NNODES, env: engine.env });
 
   beforeAll(async () => {
     [whole, split, big] = await Promise.all([

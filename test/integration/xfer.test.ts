@@ -4,6 +4,7 @@
 // deadline, naming the peer; destroying an endpoint with reads in flight frees everything.
 import { afterEach, describe, expect, test } from "bun:test";
 import { join } from "node:path";
+import { config } from "../../src/base/config";
 import { NativeError } from "../../src/base/errors";
 import { Ctx, probeLibrary } from "../../src/native/ce";
 import { Xfer } from "../../src/native/xfer";
@@ -22,20 +23,31 @@ const ucx = (() => {
   }
 })();
 
+// Mooncake's transfer engine where its library loads (CE_MOONCAKE_LIB: a build beside the project),
+// over its TCP transport with P2P-handshake metadata on loopback.
+const mooncake = (() => {
+  try {
+    return { ok: true, reason: probeLibrary(config.CE_MOONCAKE_LIB) };
+  } catch (err) {
+    return { ok: false, reason: `skipped: ${err instanceof Error ? err.message : String(err)}` };
+  }
+})();
+const MOONCAKE_ENV = { CE_TEST_XFER_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" };
+
 const running: RankProc[] = [];
 afterEach(() => {
   for (const r of running.splice(0)) r.kill();
 });
 
-async function peers(count: number): Promise<RankProc[]> {
-  const r = await startRanks(count, { script: SCRIPT, env: UCX_ENV });
+async function peers(count: number, env: Record<string, string> = UCX_ENV): Promise<RankProc[]> {
+  const r = await startRanks(count, { script: SCRIPT, env });
   running.push(...r);
   return r;
 }
 
 /** A source of `bytes` seeded bytes and a reader connected to it. */
-async function pair(bytes: number, seed: number): Promise<{ src: RankProc; reader: RankProc; address: string; rkey: string; peer: number }> {
-  const [src, reader] = await peers(2);
+async function pair(bytes: number, seed: number, env?: Record<string, string>): Promise<{ src: RankProc; reader: RankProc; address: string; rkey: string; peer: number }> {
+  const [src, reader] = await peers(2, env);
   const s = await src!.ask("source", { bytes, seed });
   expect(s).toMatchObject({ ok: true });
   const c = await reader!.ask("connect", { address: s.address, name: "source" });
@@ -177,6 +189,70 @@ describe.skipIf(!ucx.ok)(`UCX transfer endpoints across processes (${ucx.reason}
     expect(after.stats).toEqual(before.stats as Record<string, number>);
     expect(after.stats).toMatchObject({ regions: 0, regionBytes: 0, pinnedBytes: 0, ops: 0 });
     expect(after.fds as number).toBeLessThanOrEqual(before.fds as number);
+  });
+});
+
+// The same endpoints over Mooncake's engine. Not here: a source that stops answering (Mooncake's TCP
+// transport has no deadline of its own and cannot cancel a transfer, so such a read ends only with
+// the endpoint), and ranges outside the owner's registrations (Mooncake refuses them too, as a
+// failed transfer).
+describe.skipIf(!mooncake.ok)(`Mooncake transfer endpoints across processes (${mooncake.reason})`, () => {
+  test("a reader pulls ranges at odd offsets of a source's region, several ops at once, byte-exact (seed 31)", { timeout: 60_000 }, async () => {
+    const srcBytes = 64 * MiB + 5;
+    const { reader, rkey, peer } = await pair(srcBytes, 31, MOONCAKE_ENV);
+    const rand = rng(31);
+    const ops: [number, number, number][][] = [];
+    let at = 3;
+    for (let o = 0; o < 6; o++) {
+      const ranges: [number, number, number][] = [];
+      for (let k = 0; k < 3; k++) {
+        const n = 1 + rand(8 * MiB);
+        ranges.push([o === 5 && k === 2 ? srcBytes - n : rand(srcBytes - n), at, n]);
+        at += n + rand(4096);
+      }
+      ops.push(ranges);
+    }
+    const r = await reader.ask("pull", { peer, rkey, ops, dstBytes: at, srcBytes, seed: 31, timeoutMs: 30_000 }, 60_000);
+    expect(r).toMatchObject({ ok: true, mismatch: -1 });
+  });
+
+  test("a reader whose source is SIGKILLed mid-pull fails, naming the peer; later reads fail at once", { timeout: 60_000 }, async () => {
+    const srcBytes = 256 * MiB;
+    const { src, reader, rkey, peer } = await pair(srcBytes, 32, MOONCAKE_ENV);
+    const pulling = reader.request("pullLoop", { peer, rkey, chunk: 32 * MiB, depth: 4, srcBytes, timeoutMs: 20_000 }, 40_000);
+    await pulling.submitted;
+    const t0 = performance.now();
+    src.kill();
+    const r = await pulling.reply;
+    expect(r).toMatchObject({ ok: false, status: "CE_E_PEER", ops: 0 });
+    expect(r.message).toMatch(/peer 1 \(source\) failed: Mooncake's transfer ended with status 6/);
+    expect(performance.now() - t0).toBeLessThan(10_000);
+    const again = await reader.ask("pull", { peer, rkey, ops: [[[0, 0, 4096]]], dstBytes: 4096, srcBytes, seed: 32, timeoutMs: 5_000 });
+    expect(again).toMatchObject({ ok: false, status: "CE_E_PEER" });
+  });
+
+  test("a reader SIGKILLed mid-pull leaves its source serving the next reader", { timeout: 60_000 }, async () => {
+    const srcBytes = 64 * MiB;
+    const { src, reader, address, rkey, peer } = await pair(srcBytes, 33, MOONCAKE_ENV);
+    const pulling = reader.request("pullLoop", { peer, rkey, chunk: 8 * MiB, depth: 4, srcBytes, timeoutMs: 20_000 }, 40_000);
+    await pulling.submitted;
+    reader.kill();
+    await pulling.reply.catch(() => undefined);
+    const [next] = await peers(1, MOONCAKE_ENV);
+    const c = await next!.ask("connect", { address, name: "source" });
+    const r = await next!.ask("pull", { peer: c.peer, rkey, ops: [[[0, 0, srcBytes]]], dstBytes: srcBytes, srcBytes, seed: 33, timeoutMs: 20_000 });
+    expect({ c, r, source: src.stderr }).toMatchObject({ c: { ok: true }, r: { ok: true, mismatch: -1 } });
+  });
+
+  test("destroying an endpoint with reads in flight fails them (CE_E_ABORTED) and gives back every op and region", { timeout: 60_000 }, async () => {
+    const srcBytes = 128 * MiB;
+    const { reader, rkey, peer } = await pair(srcBytes, 34, MOONCAKE_ENV);
+    const r = await reader.ask("destroyInFlight", { peer, rkey, chunk: 16 * MiB, count: 8 }, 30_000);
+    expect(r).toMatchObject({ ok: true });
+    const ended = r.ended as string[];
+    expect(ended.every((e) => e === "CE_E_ABORTED" || e === "ok")).toBe(true);
+    expect(await reader.ask("releaseRegions")).toMatchObject({ ok: true });
+    expect((await reader.ask("stats")).stats).toMatchObject({ regions: 0, regionBytes: 0, pinnedBytes: 0, ops: 0 });
   });
 });
 
