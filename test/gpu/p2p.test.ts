@@ -7,18 +7,11 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { dirname, join } from "node:path";
 import { synthesize } from "../../src/checkpoint/synth";
-import { probeLibrary } from "../../src/native/libce";
 import { gpu } from "../helpers/gpu";
+import { ucx } from "../helpers/libraries";
 import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
 import { startRanks } from "../helpers/native-ranks";
 
-const ucx = (() => {
-  try {
-    return { ok: true, reason: probeLibrary("libucp.so.0") };
-  } catch (err) {
-    return { ok: false, reason: err instanceof Error ? err.message : String(err) };
-  }
-})();
 const skip = !gpu.ok ? gpu.reason : !ucx.ok ? ucx.reason : undefined;
 const MODEL = process.env.CE_TEST_P2P_MODEL ?? "Qwen3-0.6B";
 

@@ -5,31 +5,15 @@
 // Workers verify every tensor by digest against the sources' registrations. A source SIGKILLed
 // mid-pull fails the pull naming it; restarted, everything works again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { config } from "../../src/base/config";
-import { probeLibrary } from "../../src/native/libce";
 import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
+import { mooncake, ucx } from "../helpers/libraries";
 import { type TestCheckpoint, smallCheckpoint, within } from "../helpers/update";
 
 // TCP on loopback: what CI has (see xfer.test.ts); UCX would pick shared memory otherwise.
 const UCX_ENV = { UCX_TLS: "tcp", UCX_NET_DEVICES: "lo", UCX_WARN_UNUSED_ENV_VARS: "n" };
 const NNODES = 3;
 
-const ucx = (() => {
-  try {
-    return { ok: true, reason: probeLibrary("libucp.so.0") };
-  } catch (err) {
-    return { ok: false, reason: err instanceof Error ? err.message : String(err) };
-  }
-})();
-
 // And over Mooncake's transfer engine (TCP, P2P handshake) where its library loads (CE_MOONCAKE_LIB).
-const mooncake = (() => {
-  try {
-    return { ok: true, reason: probeLibrary(config.CE_MOONCAKE_LIB) };
-  } catch (err) {
-    return { ok: false, reason: `skipped: ${err instanceof Error ? err.message : String(err)}` };
-  }
-})();
 const ENGINES = [
   { name: "UCX TCP", ...ucx, env: UCX_ENV },
   { name: "Mooncake TCP", ...mooncake, env: { CE_P2P_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" } },

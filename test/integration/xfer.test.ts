@@ -4,10 +4,10 @@
 // deadline, naming the peer; destroying an endpoint with reads in flight frees everything.
 import { afterEach, describe, expect, test } from "bun:test";
 import { join } from "node:path";
-import { config } from "../../src/base/config";
 import { NativeError } from "../../src/base/errors";
-import { Ctx, probeLibrary } from "../../src/native/ce";
+import { Ctx } from "../../src/native/ce";
 import { Xfer } from "../../src/native/xfer";
+import { mooncake, ucx } from "../helpers/libraries";
 import { type RankProc, startRanks } from "../helpers/native-ranks";
 
 const MiB = 1024 ** 2;
@@ -15,23 +15,8 @@ const SCRIPT = join(import.meta.dir, "../helpers/xfer-peer.ts");
 // TCP on loopback: what every host has, the path CI can take; UCX would pick shared memory otherwise.
 const UCX_ENV = { UCX_TLS: "tcp", UCX_NET_DEVICES: "lo", UCX_WARN_UNUSED_ENV_VARS: "n" };
 
-const ucx = (() => {
-  try {
-    return { ok: true, reason: probeLibrary("libucp.so.0") };
-  } catch (err) {
-    return { ok: false, reason: err instanceof Error ? err.message : String(err) };
-  }
-})();
-
 // Mooncake's transfer engine where its library loads (CE_MOONCAKE_LIB: a build beside the project),
 // over its TCP transport with P2P-handshake metadata on loopback.
-const mooncake = (() => {
-  try {
-    return { ok: true, reason: probeLibrary(config.CE_MOONCAKE_LIB) };
-  } catch (err) {
-    return { ok: false, reason: `skipped: ${err instanceof Error ? err.message : String(err)}` };
-  }
-})();
 const MOONCAKE_ENV = { CE_TEST_XFER_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" };
 
 const running: RankProc[] = [];
