@@ -7,9 +7,11 @@
 
 #include "dl_ucx.h"
 
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Blobs start with a magic and the engine, so a blob of another engine, of another version of
  * this format, or a truncated one is refused by name instead of being fed to the library. */
@@ -117,6 +119,23 @@ void ce_xfers_free(ce_ctx_t *ctx) {
     list = x->next;
     xfer_free(x);
   }
+}
+
+/* ---- the engines' progress threads ---- */
+
+void xfer_signal(int fd) {
+  uint64_t one = 1;
+  ssize_t n = write(fd, &one, sizeof one); /* EAGAIN: already signalled */
+  (void)n;
+}
+
+void xfer_sleep(struct pollfd *fds, int nfds, double next_ms, double now_ms, int idle_ms) {
+  int wait_ms = idle_ms;
+  if (next_ms > 0 && next_ms - now_ms < wait_ms) wait_ms = next_ms > now_ms ? (int)(next_ms - now_ms) + 1 : 0;
+  if (poll(fds, (nfds_t)nfds, wait_ms) <= 0 || !(fds[nfds - 1].revents & POLLIN)) return;
+  uint64_t v;
+  ssize_t r = read(fds[nfds - 1].fd, &v, sizeof v);
+  (void)r;
 }
 
 /* ---- address ---- */

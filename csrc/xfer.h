@@ -104,6 +104,13 @@ double xfer_deadlines(ce_xfer_t *x, double now_ms);
 /* Under x->mu: marks p failed (first failure wins) and closes it. */
 void xfer_peer_fail(ce_xfer_t *x, xfer_peer_t *p, int status, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
+/* The engines' progress threads sleep on their fds and an eventfd of libce's (the last of fds):
+ * xfer_signal wakes one (any thread, any lock); xfer_sleep waits until an fd is readable, the
+ * earliest deadline (next_ms; 0: none) or idle_ms, and drains the eventfd. */
+struct pollfd;
+void xfer_signal(int fd);
+void xfer_sleep(struct pollfd *fds, int nfds, double next_ms, double now_ms, int idle_ms);
+
 /* The engines' ce_xfer_load halves (dl_mooncake.c, xfer_ucx.c). */
 int ce_mooncake_load(const char *path, char *json, uint64_t len);
 const char *ce_mooncake_file(void);

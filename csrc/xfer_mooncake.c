@@ -46,9 +46,7 @@ typedef struct {
 
 static void mc_wake(ce_xfer_t *x) {
   mc_t *m = x->impl;
-  uint64_t one = 1;
-  ssize_t n = write(m->wake_fd, &one, sizeof one); /* EAGAIN: already signalled */
-  (void)n;
+  xfer_signal(m->wake_fd);
 }
 
 /* Under x->mu: asks Mooncake about every piece in flight and ends those it ended. */
@@ -96,13 +94,7 @@ static void *mc_main(void *arg) {
       usleep(POLL_US);
       continue;
     }
-    int wait_ms = IDLE_WAIT_MS;
-    if (next > 0 && next - now < wait_ms) wait_ms = next > now ? (int)(next - now) + 1 : 0;
-    if (poll(&fd, 1, wait_ms) > 0) {
-      uint64_t v;
-      ssize_t r = read(m->wake_fd, &v, sizeof v);
-      (void)r;
-    }
+    xfer_sleep(&fd, 1, next, now, IDLE_WAIT_MS);
   }
   return NULL;
 }

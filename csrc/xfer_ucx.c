@@ -46,9 +46,7 @@ int ucx_status_ce(ucs_status_t s) {
 
 static void ucx_wake(ce_xfer_t *x) {
   ucx_t *u = x->impl;
-  uint64_t one = 1;
-  ssize_t n = write(u->wake_fd, &one, sizeof one); /* EAGAIN: already signalled */
-  (void)n;
+  xfer_signal(u->wake_fd);
 }
 
 /* ---- peers ---- */
@@ -150,13 +148,7 @@ static void *ucx_main(void *arg) {
     ucs_status_t s = n ? UCS_ERR_BUSY : ucx.ucp_worker_arm(u->worker);
     pthread_mutex_unlock(&x->mu);
     if (s == UCS_ERR_BUSY) continue; /* events arrived since the progress: progress again */
-    int wait_ms = IDLE_WAIT_MS;
-    if (next > 0 && next - now < wait_ms) wait_ms = next > now ? (int)(next - now) + 1 : 0;
-    if (poll(fds, 2, wait_ms) > 0 && (fds[1].revents & POLLIN)) {
-      uint64_t v;
-      ssize_t r = read(u->wake_fd, &v, sizeof v);
-      (void)r;
-    }
+    xfer_sleep(fds, 2, next, now, IDLE_WAIT_MS);
   }
   return NULL;
 }
