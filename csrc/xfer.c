@@ -54,6 +54,7 @@ int ce_xfer_create(ce_ctx_t *ctx, int engine, ce_xfer_t **xfer_out) {
   int rc = eng->open(x);
   if (rc != CE_OK) {
     pthread_mutex_destroy(&x->mu);
+    free(x->addr); /* an engine that failed after its address */
     free(x);
     return rc;
   }

@@ -244,12 +244,21 @@ static int ucx_open(ce_xfer_t *x) {
   return CE_OK;
 }
 
-static void ucx_mem_free(ucx_t *u, xfer_reg_t *r) {
-  ucx_mem_t *m = r->mem;
-  if (!m) return;
-  if (m->memh) ucx.ucp_mem_unmap(u->context, m->memh);
+void ucx_mem_release(ucx_mem_t *m) {
+  if (m->memh) ucx.ucp_mem_unmap(m->context, m->memh);
   free(m);
+}
+
+/* Under x->mu. An answer still being sent keeps the UCX side alive until it ends (or the worker
+ * goes); the bytes themselves are the caller's: a forced deregistration frees them regardless. */
+static void ucx_mem_free(xfer_reg_t *r) {
+  ucx_mem_t *m = r->mem;
   r->mem = NULL;
+  if (!m) return;
+  if (m->serving)
+    m->orphan = 1;
+  else
+    ucx_mem_release(m);
 }
 
 /* Under x->mu: answers still being sent from r are waited for (the progress thread is held off by
@@ -263,7 +272,7 @@ static int ucx_dereg(ce_xfer_t *x, xfer_reg_t *r, int force) {
   if (m && m->serving && !force)
     return ce_fail(CE_E_BUSY, "registration %u: %u answers to readers are still being sent from it after %d ms", r->id,
                    m->serving, DEREG_DRAIN_MS);
-  ucx_mem_free(u, r);
+  ucx_mem_free(r);
   return CE_OK;
 }
 
@@ -287,7 +296,7 @@ static void ucx_close(ce_xfer_t *x, int status, const char *msg) {
    * handlers and the answers' callbacks while it destroys. */
   ucx.ucp_worker_destroy(u->worker);
   u->worker = NULL;
-  for (xfer_reg_t *r = x->regs; r; r = r->next) ucx_mem_free(u, r);
+  for (xfer_reg_t *r = x->regs; r; r = r->next) ucx_mem_free(r);
   for (xfer_peer_t *p = x->peers; p; p = p->next) {
     free(p->impl);
     p->impl = NULL;
@@ -310,6 +319,7 @@ static int ucx_reg(ce_xfer_t *x, xfer_reg_t *r, uint8_t **key_out, uint64_t *key
     free(*key_out);
     return ce_fail(CE_E_NOMEM, "out of host memory for a registration");
   }
+  m->context = u->context;
   ce_ucp_mem_map_params_t mp = {
       .field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE,
       .address = r->base,

@@ -47,10 +47,15 @@ typedef struct {
 
 /* A registration's side in UCX: its mapping and the answers being sent from it. */
 typedef struct {
+  ucp_context_h context;
   ucp_mem_h memh;
   uint32_t serving;
   int withdrawn; /* being deregistered: new requests are refused */
+  int orphan;    /* its registration is gone (forced): the last answer frees it */
 } ucx_mem_t;
+
+/* Unmaps and frees a registration's UCX side. */
+void ucx_mem_release(ucx_mem_t *m);
 
 typedef struct {
   ucp_context_h context;

@@ -133,7 +133,7 @@ typedef struct {
 
 
 static void answer_free(ucx_answer_t *a) {
-  if (a->mem) a->mem->serving--;
+  if (a->mem && --a->mem->serving == 0 && a->mem->orphan) ucx_mem_release(a->mem);
   free(a);
 }
 
