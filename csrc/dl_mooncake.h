@@ -18,9 +18,13 @@ typedef struct {
   uint64_t length;
 } ce_mc_request_t;
 
-/* struct transfer_status: STATUS_WAITING 0, PENDING 1, INVALID 2, CANCELED 3, COMPLETED 4, TIMEOUT 5,
- * FAILED 6; filled only when getTransferStatus returns 0. */
+/* struct transfer_status, filled only when getTransferStatus returns 0. TIMEOUT is a late slice
+ * (MC_SLICE_TIMEOUT): the task still runs. */
+#define CE_MC_STATUS_WAITING 0
+#define CE_MC_STATUS_PENDING 1
 #define CE_MC_STATUS_COMPLETED 4
+#define CE_MC_STATUS_TIMEOUT 5
+#define CE_MC_STATUS_FAILED 6
 #define CE_MC_OPCODE_READ 0
 typedef struct {
   int status;

@@ -56,13 +56,10 @@ static void mc_collect(ce_xfer_t *x) {
     mc_piece_t *pc = *link;
     ce_mc_status_t st = {0};
     int rc = mooncake.getTransferStatus(m->engine, pc->batch, 0, &st);
-    if (rc == 0 && st.status == 5 /* TIMEOUT: a slice is late (MC_SLICE_TIMEOUT), the task still runs */) {
+    if (rc == 0 && st.status == CE_MC_STATUS_TIMEOUT)
       xfer_peer_fail(x, pc->rd->peer, CE_E_TIMEOUT, "peer %u (%s): Mooncake reports a transfer late", pc->rd->peer->id, pc->rd->peer->name);
-      link = &pc->next;
-      continue;
-    }
-    if (rc == 0 && st.status < CE_MC_STATUS_COMPLETED && st.status != 2 /* INVALID */ && st.status != 3 /* CANCELED */) {
-      link = &pc->next;
+    if (rc == 0 && (st.status == CE_MC_STATUS_WAITING || st.status == CE_MC_STATUS_PENDING || st.status == CE_MC_STATUS_TIMEOUT)) {
+      link = &pc->next; /* still running: Mooncake may still write into its destination */
       continue;
     }
     *link = pc->next;
@@ -78,7 +75,7 @@ static void mc_collect(ce_xfer_t *x) {
       snprintf(why, sizeof why, "Mooncake's getTransferStatus returned %d", rc);
     else
       snprintf(why, sizeof why, "Mooncake's transfer ended with status %d (%s)", st.status,
-               st.status == 6 ? "failed: the peer refused or is gone" : "invalid or canceled");
+               st.status == CE_MC_STATUS_FAILED ? "failed: the peer refused or is gone" : "invalid or canceled");
     /* Over TCP a failed read means the peer or the path to it is gone: no more reads go there. */
     xfer_peer_fail(x, rd->peer, CE_E_PEER, "peer %u (%s) failed: %s", rd->peer->id, rd->peer->name, why);
     xfer_piece_done(rd, CE_E_PEER, why);

@@ -23,7 +23,7 @@
  * so a reader closes no endpoint mid-handshake unless the handshake takes longer than this. */
 #define CONNECT_WAIT_MS 2000
 /* The progress thread's longest sleep: a bound on how late a deadline is noticed when no event
- * comes, and on how late a closed peer's keys are freed. */
+ * comes, and on how late a closed peer's endpoint is closed. */
 #define IDLE_WAIT_MS 100
 /* How long a deregistration waits for the answers being sent from it before it is refused. */
 #define DEREG_DRAIN_MS 3000
@@ -208,13 +208,11 @@ static int ucx_open(ce_xfer_t *x) {
     ucx_free(u);
     return ce_ucx_fail(CE_E_P2P, s, "ucp_worker_create");
   }
-  x->impl = u; /* the handlers' arg; set for good below */
+  /* The handlers run only inside a progress, once x->impl is set below. */
   if ((rc = ucx_handler(u, x, AM_READ, ucx_on_read)) || (rc = ucx_handler(u, x, AM_DATA, ucx_on_data))) {
-    x->impl = NULL;
     ucx_free(u);
     return rc;
   }
-  x->impl = NULL;
   ucp_address_t *addr;
   size_t len;
   if ((s = ucx.ucp_worker_get_address(u->worker, &addr, &len)) != UCS_OK) {

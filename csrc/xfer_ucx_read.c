@@ -53,11 +53,16 @@ static void piece_end(ucx_piece_t *pc, int status, const char *msg) {
   piece_idle_check(pc->x->impl, pc);
 }
 
+/* The piece's end with UCX's status for its receive. */
+static void piece_end_ucs(ucx_piece_t *pc, ucs_status_t s) {
+  piece_end(pc, s == UCS_OK ? CE_OK : ucx_status_ce(s), s == UCS_OK ? NULL : ucx.ucs_status_string(s));
+}
+
 static void piece_sent(void *request, ucs_status_t s, void *user_data) {
   ucx_piece_t *pc = user_data;
   ucx.ucp_request_free(request);
   pc->sending = 0;
-  if (s != UCS_OK) piece_end(pc, ucx_status_ce(s), ucx.ucs_status_string(s));
+  if (s != UCS_OK) piece_end_ucs(pc, s);
   else piece_idle_check(pc->x->impl, pc);
 }
 
@@ -66,7 +71,7 @@ static void piece_received(void *request, ucs_status_t s, size_t length, void *u
   ucx_piece_t *pc = user_data;
   ucx.ucp_request_free(request);
   pc->receiving = 0;
-  piece_end(pc, s == UCS_OK ? CE_OK : ucx_status_ce(s), s == UCS_OK ? NULL : ucx.ucs_status_string(s));
+  piece_end_ucs(pc, s);
 }
 
 /* Fails p's pieces still waiting for an answer (a receive under way ends through UCX). */
@@ -79,7 +84,7 @@ void ucx_pieces_fail_peer(ucx_t *u, xfer_peer_t *p) {
 
 /* AM_DATA: an answer. Runs inside ucp_worker_progress, under x->mu. */
 ucs_status_t ucx_on_data(void *arg, const void *header, size_t header_length, void *data, size_t length,
-                                const ce_ucp_am_recv_param_t *param) {
+                         const ce_ucp_am_recv_param_t *param) {
   ce_xfer_t *x = arg;
   ucx_t *u = x->impl;
   read_ans_t ans;
@@ -115,9 +120,8 @@ ucs_status_t ucx_on_data(void *arg, const void *header, size_t header_length, vo
   pc->receiving = 1;
   ucs_status_ptr_t sp = ucx.ucp_am_recv_data_nbx(u->worker, data, pc->dst, length, &prm);
   if (!CE_UCS_PTR_IS_PTR(sp)) {
-    ucs_status_t s = sp ? CE_UCS_PTR_STATUS(sp) : UCS_OK;
     pc->receiving = 0;
-    piece_end(pc, s == UCS_OK ? CE_OK : ucx_status_ce(s), s == UCS_OK ? NULL : ucx.ucs_status_string(s));
+    piece_end_ucs(pc, sp ? CE_UCS_PTR_STATUS(sp) : UCS_OK);
   }
   return UCS_OK;
 }
@@ -130,7 +134,6 @@ typedef struct {
   ucx_mem_t *mem; /* NULL for a refusal */
   char reason[256];
 } ucx_answer_t;
-
 
 static void answer_free(ucx_answer_t *a) {
   if (a->mem && --a->mem->serving == 0 && a->mem->orphan) ucx_mem_release(a->mem);
@@ -159,7 +162,7 @@ static xfer_reg_t *answer_reg(ce_xfer_t *x, const read_req_t *q, char *why, size
 
 /* AM_READ: a reader's request. Runs inside ucp_worker_progress, under x->mu. */
 ucs_status_t ucx_on_read(void *arg, const void *header, size_t header_length, void *data, size_t length,
-                                const ce_ucp_am_recv_param_t *param) {
+                         const ce_ucp_am_recv_param_t *param) {
   (void)data;
   (void)length;
   ce_xfer_t *x = arg;
@@ -194,7 +197,7 @@ ucs_status_t ucx_on_read(void *arg, const void *header, size_t header_length, vo
 /* ---- reads ---- */
 
 int ucx_get(ce_xfer_t *x, xfer_read_t *rd, const uint8_t *key, uint64_t key_len, void *dst, uint64_t remote_addr,
-                   uint64_t bytes) {
+            uint64_t bytes) {
   xfer_peer_t *p = rd->peer;
   if (key_len != sizeof(uint32_t))
     return ce_fail(CE_E_INVAL, "reading from peer %u (%s): a UCX remote key has 4 bytes, this one %llu", p->id, p->name,

@@ -20,3 +20,5 @@ function probe(file: string): Probe {
 export const ucx = probe("libucp.so.0");
 /** Mooncake's transfer engine, where CE_MOONCAKE_LIB names a build of it. */
 export const mooncake = probe(config.CE_MOONCAKE_LIB);
+/** The environment of a process whose P2P goes over Mooncake's TCP on loopback. */
+export const MOONCAKE_ENV = { CE_P2P_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" };

@@ -1,10 +1,12 @@
 // One process of a transfer-endpoint test: a libce context on the CPU backend with one transfer
-// endpoint (UCX, or Mooncake with CE_TEST_XFER_ENGINE=mooncake), driven by JSON lines on stdin like native-rank.ts (native-ranks.ts's RankProc drives it).
+// endpoint (UCX, or Mooncake with CE_P2P_ENGINE=mooncake), driven by JSON lines on stdin like
+// native-rank.ts (native-ranks.ts's RankProc drives it).
 //   bun test/helpers/xfer-peer.ts cpu 0
 // A source registers seeded random bytes; a reader connects to it and pulls ranges, checking every
 // byte against the same seed. Blobs travel as hex.
 import { readdirSync } from "node:fs";
 import { createInterface } from "node:readline";
+import { config } from "../../src/base/config";
 import { NativeError } from "../../src/base/errors";
 import { type Buf, Ctx, digestBytes, type OpId } from "../../src/native/ce";
 import { Xfer } from "../../src/native/xfer";
@@ -27,7 +29,7 @@ function fdCount(): number {
 }
 
 function endpoint(): Xfer {
-  xfer ??= Xfer.create(ctx, process.env.CE_TEST_XFER_ENGINE === "mooncake" ? "mooncake" : "ucx");
+  xfer ??= Xfer.create(ctx, config.CE_P2P_ENGINE === "mooncake" ? "mooncake" : "ucx");
   return xfer;
 }
 

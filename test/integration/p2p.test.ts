@@ -6,7 +6,7 @@
 // mid-pull fails the pull naming it; restarted, everything works again.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { type Host, call, masterPort, startHost, untilWhole } from "../helpers/cluster";
-import { mooncake, ucx } from "../helpers/libraries";
+import { MOONCAKE_ENV, mooncake, ucx } from "../helpers/libraries";
 import { type TestCheckpoint, smallCheckpoint, within } from "../helpers/update";
 
 // TCP on loopback: what CI has (see xfer.test.ts); UCX would pick shared memory otherwise.
@@ -16,7 +16,7 @@ const NNODES = 3;
 // And over Mooncake's transfer engine (TCP, P2P handshake) where its library loads (CE_MOONCAKE_LIB).
 const ENGINES = [
   { name: "UCX TCP", ...ucx, env: UCX_ENV },
-  { name: "Mooncake TCP", ...mooncake, env: { CE_P2P_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" } },
+  { name: "Mooncake TCP", ...mooncake, env: MOONCAKE_ENV },
 ];
 
 for (const engine of ENGINES) describe.skipIf(!engine.ok)(`P2P updates between ce serve hosts over ${engine.name} (${engine.reason})`, () => {

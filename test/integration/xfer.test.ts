@@ -7,17 +7,13 @@ import { join } from "node:path";
 import { NativeError } from "../../src/base/errors";
 import { Ctx } from "../../src/native/ce";
 import { Xfer } from "../../src/native/xfer";
-import { mooncake, ucx } from "../helpers/libraries";
+import { MOONCAKE_ENV, mooncake, ucx } from "../helpers/libraries";
 import { type RankProc, startRanks } from "../helpers/native-ranks";
 
 const MiB = 1024 ** 2;
 const SCRIPT = join(import.meta.dir, "../helpers/xfer-peer.ts");
 // TCP on loopback: what every host has, the path CI can take; UCX would pick shared memory otherwise.
 const UCX_ENV = { UCX_TLS: "tcp", UCX_NET_DEVICES: "lo", UCX_WARN_UNUSED_ENV_VARS: "n" };
-
-// Mooncake's transfer engine where its library loads (CE_MOONCAKE_LIB: a build beside the project),
-// over its TCP transport with P2P-handshake metadata on loopback.
-const MOONCAKE_ENV = { CE_TEST_XFER_ENGINE: "mooncake", CE_MOONCAKE_HOST: "127.0.0.1", MC_LOG_LEVEL: "ERROR" };
 
 const running: RankProc[] = [];
 afterEach(() => {
