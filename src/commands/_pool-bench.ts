@@ -11,6 +11,7 @@ import { CeError } from "../base/errors";
 import { log } from "../base/log";
 import { formatBytes, formatSeconds } from "../base/units";
 import { loadShapes } from "../checkpoint/synth-writer";
+import { writeTrace } from "../core/report";
 import type { UpdateSummary } from "../core/update";
 import { pythonPath } from "../engines/workers";
 import { Daemon } from "../serve/daemon";
@@ -47,7 +48,7 @@ interface PushLine {
 
 export async function poolBench(
   up: Updater,
-  o: { model: string; repeat: number; python: string; trainerDevice: string; poolSlots: number; bucketBytes?: number; slots?: number; timeoutMs: number; verify: boolean },
+  o: { model: string; repeat: number; python: string; trainerDevice: string; poolSlots: number; bucketBytes?: number; slots?: number; timeoutMs: number; verify: boolean; trace?: string },
 ): Promise<PoolBenchResult> {
   const shapes = await loadShapes(o.model);
   const layout = shapes.tensors.map((t) => ({ name: t.name, dtype: t.dtype ?? shapes.dtype, shape: t.shape }));
@@ -75,6 +76,8 @@ export async function poolBench(
       log.info(`${l.version === 1 ? "warm-up" : `push ${l.version - 1}/${o.repeat}`}: push ${formatSeconds(l.push)}, then ${formatSeconds(l.tail)} until every engine serves it: ${formatSeconds(l.total)} end to end`);
     }
     const timed = lines.slice(1);
+    const lastPush = daemon.lastUpdate;
+    if (o.trace && lastPush) writeTrace(o.trace, lastPush);
     // One slot keeps no earlier version: nothing to roll back to.
     let rollbackSeconds: number | null = null;
     if (o.poolSlots > 1) {

@@ -51,7 +51,7 @@ export default defineCommand({
     verify: { type: "boolean", description: "verify every update by digests (docs/digest.md): the timed runs then include the workers' digests", default: false },
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
-    trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace", valueHint: "FILE" },
+    trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace (with --pool: the last push's update, with when each bucket's bytes were in)", valueHint: "FILE" },
     pool: {
       type: "boolean",
       description: "the RL step end to end: a trainer process (Python, torch) pushes the model's state dict into a resident pool, each update streaming behind its push",
@@ -95,7 +95,7 @@ export default defineCommand({
         const trainerDevice = args["trainer-device"] ?? (up.ctx.backend === "cuda" ? `cuda:${up.set.devices[0]!.ordinal}` : "cpu");
         const poolSlots = Number(args["pool-slots"]);
         if (!Number.isSafeInteger(poolSlots) || poolSlots < 1) throw new UsageError(`--pool-slots "${args["pool-slots"]}" is not a positive whole number`);
-        const result = await poolBench(up, { model: args.model, repeat, python: config.CE_PYTHON, trainerDevice, poolSlots, bucketBytes, slots, timeoutMs, verify: args.verify });
+        const result = await poolBench(up, { model: args.model, repeat, python: config.CE_PYTHON, trainerDevice, poolSlots, bucketBytes, slots, timeoutMs, verify: args.verify, trace: args.trace });
         if (args.json) writeJson({ ok: true, ...result });
         else process.stdout.write(poolTable(result));
       } finally {

@@ -124,10 +124,11 @@ interface TraceEvent {
   args?: Record<string, unknown>;
 }
 
-/** Chrome trace events: one process per device, one thread per stage; times in µs. */
+/** Chrome trace events: one process per device, one thread per stage; times in µs. A version
+ *  still being pushed adds a "source" thread: each bucket's span ends when its last bytes were in. */
 export function traceEvents(s: UpdateSummary): TraceEvent[] {
   const events: TraceEvent[] = [];
-  const stages = ["H2D", "broadcast", "reload"];
+  const stages = ["H2D", "broadcast", "reload", ...(s.trace.some((b) => b.ready !== undefined) ? ["source"] : [])];
   s.devices.forEach((uuid, d) => {
     events.push({ name: "process_name", cat: "__metadata", ph: "M", pid: d, tid: 0, args: { name: `device ${d} ${uuid}` } });
     stages.forEach((st, tid) => events.push({ name: "thread_name", cat: "__metadata", ph: "M", pid: d, tid, args: { name: st } }));
@@ -139,6 +140,12 @@ export function traceEvents(s: UpdateSummary): TraceEvent[] {
     if (b.h2d) span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
     if (b.bcast) s.devices.forEach((_, d) => span(`bcast ${b.index}`, "bcast", d, 1, b.bcast!, args));
     b.reload.forEach((r, d) => span(`reload ${b.index}`, "reload", d, 2, r, args));
+  }
+  let arrived = 0;
+  for (const b of s.trace) {
+    if (b.ready === undefined) continue;
+    span(`bytes of ${b.index}`, "source", b.owner, 3, [arrived, b.ready], { bucket: b.index, bytes: b.bytes });
+    arrived = b.ready;
   }
   return events;
 }

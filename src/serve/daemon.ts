@@ -51,6 +51,7 @@ export class Daemon {
   readonly #registering = new Set<string>();
   #running: { checkpoint: string; startedMs: number; progress?: Progress } | undefined;
   #last: Summary | undefined;
+  #lastTrace: UpdateSummary["trace"] | undefined;
 
   #cluster: Cluster | undefined;
   /** this host's transfer endpoint and the checkpoints it lends to pulls: made at the first pull */
@@ -167,16 +168,22 @@ export class Daemon {
     }
   }
 
+  /** The last update that succeeded, with its per-bucket timeline (ce bench --pool --trace). */
+  get lastUpdate(): UpdateSummary | undefined {
+    return this.#last && this.#lastTrace && { ...this.#last, trace: this.#lastTrace };
+  }
+
   /** Runs one update of this host's devices with the running/last/metrics bookkeeping. */
   async #track(checkpoint: string, run: (onProgress: (p: Progress) => void) => Promise<UpdateSummary>): Promise<Summary> {
     if (this.#running) throw busy(this.#running.checkpoint);
     const running: { checkpoint: string; startedMs: number; progress?: Progress } = { checkpoint, startedMs: performance.now() };
     this.#running = running;
     try {
-      const { trace: _, ...summary } = await run((p) => {
+      const { trace, ...summary } = await run((p) => {
         running.progress = p;
       });
       this.#last = summary;
+      this.#lastTrace = trace;
       this.metrics.updated(summary);
       return summary;
     } catch (err) {
