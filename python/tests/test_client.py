@@ -349,6 +349,17 @@ class PushTest(unittest.TestCase):
                 begin = [b for m, p, b in self.stand_in.requests if p == f"/v1/pools/{name}/versions"]
                 self.assertEqual(begin[-1], {"version": 3, "update": True}, "the update starts with the slot")
 
+    def test_a_tensor_larger_than_a_step_is_said_written_in_steps(self):
+        url = serve(self, self.stand_in)
+        sd = {"big": torch.arange(10000, dtype=torch.float32), "small": torch.ones(3)}
+        pool = Pool.create("p", sd, url=url)
+        self.addCleanup(pool.close)
+        self.stand_in.expect("p", 1, sd)
+        pool.push(sd, 1, progress_bytes=16384)
+        written = [b["bytes"] for m, p, b in self.stand_in.requests if p == "/v1/pools/p/versions/1/written"]
+        # 40,000 bytes in steps of 16 KiB: two steps said mid-tensor; the rest comes with publish.
+        self.assertEqual(written, [16384, 32768])
+
     def test_a_state_dict_that_does_not_fit_is_refused_before_a_slot_is_taken(self):
         url = serve(self, self.stand_in)
         pool = Pool.create("p", state_dict(), url=url)
