@@ -7,7 +7,7 @@ import { logger } from "../base/log";
 import type { Ctx, OpId, OpResult } from "../native/ce";
 import type { Buffers } from "./buffers";
 import type { WorkerChannel } from "./channel";
-import type { Bucket, Plan } from "./planner";
+import type { Copy, Plan } from "./planner";
 
 /** Times in ms since the update started. */
 export interface BucketTrace {
@@ -21,6 +21,8 @@ export interface BucketTrace {
   bcast?: [number, number];
   /** per device: load sent → reply received */
   reload: [number, number][];
+  /** a version still being pushed: when the bucket's last source bytes were in */
+  ready?: number;
 }
 
 export interface Progress {
@@ -94,8 +96,8 @@ export interface PipelineInput {
   /** performance.now() when the update started: the trace's zero. */
   t0: number;
   onProgress?: (p: Progress) => void;
-  /** Resolves once a bucket's source bytes are in host memory (a version still being pushed); absent: they are. */
-  sourceReady?: (b: Bucket, signal: AbortSignal) => Promise<void>;
+  /** Resolves once the copies' source bytes are in host memory (a version still arriving); absent: they are. */
+  sourceReady?: (copies: Copy[], signal: AbortSignal) => Promise<void>;
 }
 
 /** Moves every bucket into every device's slot and through its worker; resolves with the per-bucket trace. */
@@ -113,33 +115,47 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
   const slotFree: Promise<void>[] = Array.from({ length: bufs.slots }, () => Promise.resolve());
   const tasks: Promise<void>[] = [];
   let prevLoads: Promise<unknown> = p.opened;
+  const partReady = async (part: Copy[]) => {
+    await p.sourceReady!(part, signal);
+    return !signal.aborted;
+  };
   for (const b of plan.buckets) {
     const slot = b.index % bufs.slots;
     await slotFree[slot];
     if (signal.aborted) break;
     const slotOffset = slot * plan.slotBytes;
     const label = `bucket ${b.index + 1}/${plan.buckets.length}`;
-    let h2dOps: OpId[] = [];
-    let bcastOp: OpId | undefined;
     const local = b.owner - p.firstRank;
     const owned = !p.broadcast || (local >= 0 && local < p.ndev);
-    if (owned && p.sourceReady) {
-      await p.sourceReady(b, signal);
-      if (signal.aborted) break;
-    }
+    // A source still arriving: the bucket's H2D goes piece by piece, each once its bytes are in.
+    const parts = owned && p.sourceReady ? cutCopies(b.copies, STREAM_PIECE_BYTES) : [b.copies];
+    const h2dOps: OpId[] = [];
+    let bcastOp: OpId | undefined;
     if (p.broadcast && local >= 0 && local < p.ndev) {
       const s = stageNext[local]!++ % bufs.staging;
       const stage = bufs.stage[local]!;
-      h2dOps = [p.ops.add(ctx.h2d(stage, copyList(b, s * plan.slotBytes), lastStage[local]![s]))];
-      bcastOp = p.ops.add(ctx.bcast(b.owner, stage, s * plan.slotBytes, bufs.ipc, slotOffset, b.bytes, h2dOps[0]));
+      let after = lastStage[local]![s]!;
+      for (const part of parts) {
+        if (p.sourceReady && !(await partReady(part))) break;
+        // Chained (CPU copies run on threads): the broadcast, after the last piece, follows them all.
+        after = p.ops.add(ctx.h2d(stage, copyList(part, s * plan.slotBytes), after));
+        h2dOps.push(after);
+      }
+      if (signal.aborted) break;
+      bcastOp = p.ops.add(ctx.bcast(b.owner, stage, s * plan.slotBytes, bufs.ipc, slotOffset, b.bytes, after));
       lastStage[local]![s] = bcastOp;
     } else if (p.broadcast) {
       // Another host owns the bucket: its bytes arrive through the communicator.
       bcastOp = p.ops.add(ctx.bcast(b.owner, null, 0, bufs.ipc, slotOffset, b.bytes));
     } else {
       // Straight into every device's slot; on the CPU backend the copies run on threads side by side.
-      h2dOps = devices.map((d) => p.ops.add(ctx.h2d(bufs.ipc[d]!, copyList(b, slotOffset))));
+      for (const part of parts) {
+        if (p.sourceReady && !(await partReady(part))) break;
+        h2dOps.push(...devices.map((d) => p.ops.add(ctx.h2d(bufs.ipc[d]!, copyList(part, slotOffset)))));
+      }
+      if (signal.aborted) break;
     }
+    const ready = owned && p.sourceReady ? since(performance.now()) : undefined;
     const prev = prevLoads;
     const task = (async () => {
       const h = await Promise.all(h2dOps.map((op) => p.ops.wait(op, `H2D of ${label}`, p.timeoutMs, signal)));
@@ -160,7 +176,7 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
       );
       const spans = h.map(gpuMs);
       const h2d: [number, number] | undefined = spans.length ? [Math.min(...spans.map((s) => s[0])), Math.max(...spans.map((s) => s[1]))] : undefined;
-      trace.push({ index: b.index, owner: b.owner, slot, bytes: b.bytes, tensors: b.tensors.length, h2d, bcast: bc && gpuMs(bc), reload });
+      trace.push({ index: b.index, owner: b.owner, slot, bytes: b.bytes, tensors: b.tensors.length, h2d, bcast: bc && gpuMs(bc), reload, ...(ready === undefined ? {} : { ready }) });
       bytesDone += b.tensors.reduce((s, t) => s + t.nbytes, 0);
       p.onProgress?.({ done: trace.length, total: plan.buckets.length, bytesDone, bytesTotal: plan.totalBytes });
       log.debug(`${label}: ${b.bytes} bytes, ${b.tensors.length} tensors, owner ${b.owner}, slot ${slot}`);
@@ -174,10 +190,36 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
   return trace.sort((a, b) => a.index - b.index);
 }
 
-/** The bucket's copies as (region, srcOffset, dstOffset, bytes) quadruples into a slot at `base`. */
-function copyList(b: Bucket, base: number): BigUint64Array {
-  const out = new BigUint64Array(b.copies.length * 4);
-  b.copies.forEach((c, i) => {
+/**
+ * A streaming bucket's H2D is cut into pieces of at most this many bytes, each submitted once its
+ * bytes are in: the copies follow the push a piece behind, not a bucket, however large the bucket
+ * or its tensors (Qwen3-8B's embedding alone is a 1.2 GB bucket: 25 ms of push on an H200).
+ */
+export const STREAM_PIECE_BYTES = 256 * 1024 ** 2;
+
+/** The copies in runs of at most `most` bytes, in order; a longer copy is split. */
+export function cutCopies(copies: Copy[], most: number): Copy[][] {
+  const out: Copy[][] = [];
+  let room = 0;
+  for (const c of copies) {
+    for (let at = 0; at < c.bytes; ) {
+      if (room === 0) {
+        out.push([]);
+        room = most;
+      }
+      const take = Math.min(c.bytes - at, room);
+      out.at(-1)!.push({ region: c.region, srcOffset: c.srcOffset + at, dstOffset: c.dstOffset + at, bytes: take });
+      at += take;
+      room -= take;
+    }
+  }
+  return out;
+}
+
+/** Copies as (region, srcOffset, dstOffset, bytes) quadruples into a slot at `base`. */
+function copyList(copies: Copy[], base: number): BigUint64Array {
+  const out = new BigUint64Array(copies.length * 4);
+  copies.forEach((c, i) => {
     out[i * 4] = BigInt(c.region);
     out[i * 4 + 1] = BigInt(c.srcOffset);
     out[i * 4 + 2] = BigInt(base + c.dstOffset);

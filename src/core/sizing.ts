@@ -198,8 +198,9 @@ export interface UpdateSizingInput {
 }
 
 /**
- * A streaming update's H2D of a bucket waits for all its bytes, so the update trails the push by a
- * bucket: smaller buckets follow closer (the writer reports progress every 256 MiB by default).
+ * A streaming update copies each bucket in pieces as its bytes arrive (pipeline.ts), but a bucket
+ * is reloaded only once all of it is in: smaller buckets keep the reloads close behind the push,
+ * and the last one, the update's tail, small (the writer reports progress every 256 MiB by default).
  */
 export const STREAM_BUCKET_BYTES = 256 * 1024 ** 2;
 

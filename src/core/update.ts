@@ -360,7 +360,7 @@ export class UpdateSession {
         t0: t.start,
         onProgress: run.onProgress,
         sourceReady:
-          run.source && ((b, signal) => run.source!.ready(Math.max(...b.copies.map((c) => c.srcOffset + c.bytes)), signal, Math.min(...b.copies.map((c) => c.srcOffset)))),
+          run.source && ((copies, signal) => run.source!.ready(Math.max(...copies.map((c) => c.srcOffset + c.bytes)), signal, Math.min(...copies.map((c) => c.srcOffset)))),
       });
       if (stop.signal.aborted) throw cause;
       t.data = performance.now();

@@ -1,5 +1,6 @@
 import { describe, expect, test } from "bun:test";
 import { CeError } from "../../src/base/errors";
+import { cutCopies } from "../../src/core/pipeline";
 import { ALIGN_BYTES, type Plan, planBuckets, spreadOverRanks, type TensorRef } from "../../src/core/planner";
 import { type AutoSizeInput, autoSize, fewerBuffers, planUpdate } from "../../src/core/sizing";
 import { encodeHeader, tensorBytes } from "../../src/checkpoint/safetensors";
@@ -594,5 +595,27 @@ describe("planUpdate and fewerBuffers: the one place sizes are decided", () => {
     }
     expect(steps).toEqual([[3, 2], [3, 1], [2, 1], [1, 1]]);
     expect(fewerBuffers({ slots: 2, staging: 0 }, "x")?.fallback).toContain("retrying with 1 slot and 0 staging");
+  });
+});
+
+describe("cutCopies: a streaming bucket's H2D in pieces", () => {
+  test("runs of at most the piece size, in order, a long copy split, bytes and offsets kept", () => {
+    const copies = [
+      { region: 1, srcOffset: 0, dstOffset: 0, bytes: 100 },
+      { region: 1, srcOffset: 256, dstOffset: 256, bytes: 10 },
+      { region: 2, srcOffset: 1000, dstOffset: 512, bytes: 30 },
+    ];
+    expect(cutCopies(copies, 40)).toEqual([
+      [{ region: 1, srcOffset: 0, dstOffset: 0, bytes: 40 }],
+      [{ region: 1, srcOffset: 40, dstOffset: 40, bytes: 40 }],
+      [
+        { region: 1, srcOffset: 80, dstOffset: 80, bytes: 20 },
+        { region: 1, srcOffset: 256, dstOffset: 256, bytes: 10 },
+        { region: 2, srcOffset: 1000, dstOffset: 512, bytes: 10 },
+      ],
+      [{ region: 2, srcOffset: 1010, dstOffset: 522, bytes: 20 }],
+    ]);
+    expect(cutCopies(copies, 1 << 20)).toEqual([copies]);
+    expect(cutCopies([], 40)).toEqual([]);
   });
 });
