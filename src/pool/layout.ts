@@ -1,5 +1,5 @@
-// A pool's layout: tensor names, dtypes and shapes in a fixed order, each placed at a 256-aligned
-// offset of one slot. Every version of the pool keeps it. Pure: plain data in, plain data out.
+// A pool's layout: tensor names, dtypes and shapes, each placed at a 256-aligned offset of one slot
+// (largest first). Every version of the pool keeps it. Pure: plain data in, plain data out.
 import { InputError } from "../base/errors";
 import { formatShape, tensorBytes } from "../checkpoint/safetensors";
 
@@ -24,12 +24,17 @@ export interface Layout {
 /** Tensors start 256-aligned, as in buckets: a trainer's D2H and ce's H2D both get aligned addresses. */
 export const LAYOUT_ALIGN = 256;
 
-/** Places tensors in the order given; refuses an empty list, a duplicate name, an unknown dtype or a bad shape. */
+/**
+ * Places tensors largest first, ties in the order given, and lists them in that order (their
+ * offsets ascend). A push writes a slot in offset order and the update streams behind it, so what
+ * arrives last is the update's tail: its H2D and its digests wait for nothing else. Qwen3-8B's
+ * lm_head (1.2 GB) last in a state dict would make that tail a whole bucket's; placed first, the
+ * tail is a few small tensors. Refuses an empty list, a duplicate name, an unknown dtype or a bad shape.
+ */
 export function placeLayout(tensors: LayoutTensor[]): Layout {
   if (tensors.length === 0) throw new InputError("E_POOL_LAYOUT", "the layout holds no tensors");
   const seen = new Set<string>();
-  const placed: PlacedTensor[] = [];
-  let at = 0;
+  const sized: { t: LayoutTensor; nbytes: number }[] = [];
   for (const [i, t] of tensors.entries()) {
     if (typeof t.name !== "string" || t.name === "") throw new InputError("E_POOL_LAYOUT", `layout tensor ${i} has no name`);
     if (seen.has(t.name)) throw new InputError("E_POOL_LAYOUT", `tensor ${t.name} is in the layout twice`);
@@ -40,6 +45,11 @@ export function placeLayout(tensors: LayoutTensor[]): Layout {
         hint: "dtypes are safetensors' names (BF16, F16, F32, F8_E4M3, I64, ...); shapes are lists of whole numbers",
       });
     }
+    sized.push({ t, nbytes });
+  }
+  const placed: PlacedTensor[] = [];
+  let at = 0;
+  for (const { t, nbytes } of sized.sort((a, b) => b.nbytes - a.nbytes)) {
     placed.push({ name: t.name, dtype: t.dtype, shape: [...t.shape], offset: at, nbytes });
     at = Math.ceil((at + nbytes) / LAYOUT_ALIGN) * LAYOUT_ALIGN;
   }

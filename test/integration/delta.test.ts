@@ -261,8 +261,10 @@ describe("libce's compare, encode and patch", () => {
             const cmp = await wait(ctx.compare(dst, 0, regions[1]!.region, 0, bytes), "comparing with the new version");
             expect(cmp.value).toBe(0);
             // A position past its tensor fails the op, naming the patch (u8 was patched at its last element, 1000).
-            list[1] = 1000n;
-            await expect(wait(ctx.bufPatch(dst, src, list, 1), "applying a bad patch")).rejects.toThrow("past the tensor's");
+            const u8 = patches.findIndex((t) => t.name === "u8");
+            const bad = list.slice(6 * u8, 6 * u8 + 6);
+            bad[1] = 1000n;
+            await expect(wait(ctx.bufPatch(dst, src, bad, 1), "applying a bad patch")).rejects.toThrow("past the tensor's");
             // An encoding sized for fewer changes than the tensor has (a version rewritten after it was
             // counted) stops on its budget, before it holds more memory than that count allows.
             const bf16 = layout.find((t) => t.name === "bf16")!;

@@ -61,7 +61,14 @@ describe("a resident pool in ce serve", () => {
       const placed = made.json.layout as Placed[];
       const files = made.json.files as string[];
       expect(made.json).toMatchObject({ ok: true, name: "policy", slots: 3, tensors: tc.tensors });
-      expect(placed.map((t) => t.name)).toEqual(layout.map((t) => t.name));
+      // Largest first (ties in the order given), offsets ascending: a push ends with small tensors.
+      expect(placed.map((t) => t.name)).toEqual(
+        layout
+          .map((t, i) => ({ name: t.name, i, nbytes: tc.ckpt.tensors[i]!.nbytes }))
+          .sort((a, b) => b.nbytes - a.nbytes || a.i - b.i)
+          .map((t) => t.name),
+      );
+      placed.slice(1).forEach((t, i) => expect(t.offset).toBeGreaterThanOrEqual(placed[i]!.offset + placed[i]!.nbytes));
       for (const f of files) expect(statSync(f).mode & 0o777).toBe(0o600);
       const slotBytes = made.json.bytes as number;
       expect(made.json.hostBytes).toBe(3 * slotBytes);
