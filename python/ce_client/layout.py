@@ -59,7 +59,7 @@ def normalize(layout: Sequence[Mapping[str, Any]]) -> List[dict]:
 
 
 def check(state_dict: Mapping[str, torch.Tensor], layout: Sequence[Mapping[str, Any]], pool: str) -> None:
-    """LayoutError naming the first tensor, in layout order, whose name, dtype or shape differs;
+    """LayoutError naming the first tensor, in layout order (ce's: largest first), whose name, dtype or shape differs;
     then the first extra tensor of the state dict."""
     hint = f"a version must keep pool {pool}'s layout; a new layout needs a new pool"
     for entry in layout:

@@ -45,8 +45,9 @@ class Pool:
     def create(cls, name: str, state_dict_or_layout: Union[StateDict, Sequence[Mapping[str, Any]], str, os.PathLike],
                slots: int = 2, url: Optional[str] = None, socket: Optional[str] = None,
                timeout_s: Optional[float] = 600.0) -> "Pool":
-        """Register a pool with ce serve: the layout of a state dict (its order), a layout given as
-        [{"name", "dtype", "shape"}] (dtype a torch dtype or a safetensors name), or a checkpoint's path."""
+        """Register a pool with ce serve: the layout of a state dict, a layout given as
+        [{"name", "dtype", "shape"}] (dtype a torch dtype or a safetensors name), or a checkpoint's path.
+        ce places the tensors largest first: pool.layout lists them so, with their offsets."""
         pool = cls(name, url=url, socket=socket, timeout_s=timeout_s)
         body: Dict[str, Any] = {"name": name, "slots": slots}
         if isinstance(state_dict_or_layout, (str, os.PathLike)):
@@ -149,8 +150,9 @@ class Pool:
         progress = _Progress(lambda nbytes: self._written(version, nbytes), progress_bytes)
         try:
             self._copy(state_dict, entries, f, progress)
-        finally:
-            progress.close()
+        except BaseException:
+            progress.close(abort=True)
+            raise
         return end
 
     def _copy(self, state_dict: StateDict, entries: List[dict], f: SlotFile, progress: "_Progress") -> None:
@@ -182,7 +184,8 @@ class _Progress:
     """Says how many leading bytes of the slot are complete, from a thread of its own.
 
     At every ~step bytes an event is recorded on each GPU that copied since the last step and
-    handed to the thread, which waits for the events in order and posts the step's bytes. The
+    handed to the thread, which waits for the events in order and posts the step's bytes (the
+    furthest of the steps that queued up meanwhile). The
     trainer enqueues every copy at once, so the copies run back to back at the link's speed while
     ce hears (a trainer that waited for one step before enqueuing the next left the link idle
     whenever a post took longer than a step's copies: a quarter of Qwen3-8B's push on an H200).
@@ -196,6 +199,7 @@ class _Progress:
         self.devices: set = set()  # GPUs with copies since the last step
         self.used: set = set()  # GPUs with copies at all
         self.error: Optional[BaseException] = None  # a post's failure: the push stops at the next step
+        self.aborted = False  # the push failed: nothing more is posted
         self.steps: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name="ce-push-progress", daemon=True)
         self.thread.start()
@@ -218,14 +222,18 @@ class _Progress:
         if self.error is not None:
             raise self.error
 
-    def close(self) -> None:
-        """Stops the thread once the steps handed to it are posted (or one failed), and waits for
-        every copy: a push that failed half-way gives its slot back only once nothing writes it."""
-        if self.thread.is_alive():
-            self.steps.put(None)
-            self.thread.join()
-        for d in self.used:
-            torch.cuda.current_stream(d).synchronize()
+    def close(self, abort: bool = False) -> None:
+        """Waits for every copy, then for the thread: once the steps handed to it are posted, or at
+        once with abort (a push that failed half-way gives its slot back only once nothing writes
+        it, and says nothing more of it)."""
+        try:
+            for d in self.used:
+                torch.cuda.current_stream(d).synchronize()
+        finally:
+            self.aborted = self.aborted or abort
+            if self.thread.is_alive():
+                self.steps.put(None)
+                self.thread.join()
 
     def _record(self) -> list:
         events = []
@@ -237,14 +245,21 @@ class _Progress:
         return events
 
     def _run(self) -> None:
-        while (item := self.steps.get()) is not None:
-            if self.error is not None:
+        done = False
+        while not done:
+            # Steps that queued up while a post was slow go as one post, of the furthest.
+            batch = [self.steps.get()]
+            while not self.steps.empty():
+                batch.append(self.steps.get())
+            done = batch[-1] is None
+            steps = [b for b in batch if b is not None]
+            if not steps or self.error is not None or self.aborted:
                 continue  # drain: the push stops and gives its version up
-            nbytes, events = item
             try:
-                for ev in events:
-                    ev.synchronize()
-                self.post(nbytes)
+                for _, events in steps:
+                    for ev in events:
+                        ev.synchronize()
+                self.post(steps[-1][0])
             except BaseException as e:  # handed to the trainer's thread, raised there
                 self.error = e
 
