@@ -18,6 +18,8 @@ export interface BucketTrace {
   tensors: number;
   /** absent where another host did the bucket's H2D */
   h2d?: [number, number];
+  /** a bucket copied in pieces (a source still arriving): each piece's copy; h2d spans them and the waits between */
+  pieces?: [number, number][];
   bcast?: [number, number];
   /** per device: load sent → reply received */
   reload: [number, number][];
@@ -176,7 +178,18 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
       );
       const spans = h.map(gpuMs);
       const h2d: [number, number] | undefined = spans.length ? [Math.min(...spans.map((s) => s[0])), Math.max(...spans.map((s) => s[1]))] : undefined;
-      trace.push({ index: b.index, owner: b.owner, slot, bytes: b.bytes, tensors: b.tensors.length, h2d, bcast: bc && gpuMs(bc), reload, ...(ready === undefined ? {} : { ready }) });
+      trace.push({
+        index: b.index,
+        owner: b.owner,
+        slot,
+        bytes: b.bytes,
+        tensors: b.tensors.length,
+        h2d,
+        ...(parts.length > 1 ? { pieces: spans } : {}),
+        bcast: bc && gpuMs(bc),
+        reload,
+        ...(ready === undefined ? {} : { ready }),
+      });
       bytesDone += b.tensors.reduce((s, t) => s + t.nbytes, 0);
       p.onProgress?.({ done: trace.length, total: plan.buckets.length, bytesDone, bytesTotal: plan.totalBytes });
       log.debug(`${label}: ${b.bytes} bytes, ${b.tensors.length} tensors, owner ${b.owner}, slot ${slot}`);

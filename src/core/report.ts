@@ -72,9 +72,23 @@ export interface PhaseMarks {
 type Facts = Omit<UpdateSummary, "seconds" | "gbps" | "phases" | "stages" | "trace">;
 
 /** The summary of a finished update, from what it was and when each phase ended. */
+/** The time covered by some span (ms), overlaps counted once. */
+export function unionMs(spans: [number, number][]): number {
+  let total = 0;
+  let end = -Infinity;
+  for (const [a, b] of [...spans].sort((x, y) => x[0] - y[0])) {
+    if (b <= end) continue;
+    total += b - Math.max(a, end);
+    end = b;
+  }
+  return total;
+}
+
 export function buildSummary(facts: Facts, t: PhaseMarks, trace: BucketTrace[]): UpdateSummary {
   const seconds = (t.end - t.start) / 1000;
   const busy = (spans: ([number, number] | undefined)[]) => spans.reduce((s, x) => s + (x ? x[1] - x[0] : 0), 0) / 1000;
+  // A bucket copied in pieces was busy while a piece was copying, not while it waited for bytes.
+  const h2dBusy = trace.reduce((s, b) => s + (b.pieces ? unionMs(b.pieces) : b.h2d ? b.h2d[1] - b.h2d[0] : 0), 0) / 1000;
   return {
     ...facts,
     seconds,
@@ -87,7 +101,7 @@ export function buildSummary(facts: Facts, t: PhaseMarks, trace: BucketTrace[]):
       close: (t.end - t.data) / 1000,
     },
     stages: {
-      h2d: busy(trace.map((b) => b.h2d)),
+      h2d: h2dBusy,
       bcast: busy(trace.map((b) => b.bcast)),
       reload: busy(trace.map((b) => [Math.min(...b.reload.map((r) => r[0])), Math.max(...b.reload.map((r) => r[1]))] as [number, number])),
     },
@@ -137,7 +151,8 @@ export function traceEvents(s: UpdateSummary): TraceEvent[] {
     events.push({ name, cat, ph: "X", ts: t[0] * 1000, dur: Math.max(0, t[1] - t[0]) * 1000, pid, tid, args });
   for (const b of s.trace) {
     const args = { bucket: b.index, owner: b.owner, slot: b.slot, bytes: b.bytes, tensors: b.tensors };
-    if (b.h2d) span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
+    if (b.pieces) b.pieces.forEach((p, k) => span(`H2D ${b.index}.${k}`, "h2d", b.owner, 0, p, args));
+    else if (b.h2d) span(`H2D ${b.index}`, "h2d", b.owner, 0, b.h2d, args);
     if (b.bcast) s.devices.forEach((_, d) => span(`bcast ${b.index}`, "bcast", d, 1, b.bcast!, args));
     b.reload.forEach((r, d) => span(`reload ${b.index}`, "reload", d, 2, r, args));
   }

@@ -227,10 +227,16 @@ export class Pool {
     const v = this.get(version);
     if (this.#abandoned.has(version)) return Promise.reject(this.#gone(version));
     if (v.state === "ready" || v.written >= upto) return Promise.resolve();
+    if (signal.aborted) return Promise.reject(signal.reason);
     return new Promise((resolve, reject) => {
-      const w: Waiter = { upto, resolve, reject };
-      this.#waiters.get(version)!.push(w);
-      signal.addEventListener("abort", () => reject(signal.reason), { once: true });
+      // An update waits once per piece: each wait takes its abort listener with it when it ends.
+      const onAbort = () => reject(signal.reason);
+      const settle = <A extends unknown[]>(f: (...a: A) => void) => (...a: A) => {
+        signal.removeEventListener("abort", onAbort);
+        f(...a);
+      };
+      this.#waiters.get(version)!.push({ upto, resolve: settle(resolve), reject: settle(reject) });
+      signal.addEventListener("abort", onAbort, { once: true });
     });
   }
 
