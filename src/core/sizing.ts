@@ -231,10 +231,15 @@ export function planUpdate(input: UpdateSizingInput): UpdatePlan {
     defaultBucketBytes: Math.min(cpu ? CPU_BUCKET_BYTES : Infinity, input.streaming ? STREAM_BUCKET_BYTES : Infinity, DEFAULT_BUCKET_BYTES),
     defaultSlots: cpu ? CPU_SLOTS : undefined,
   });
-  const perRank = input.perRank ?? (input.broadcast ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);
+  // A source still arriving, broadcast from this host's GPUs: the buckets in source order and their
+  // owners in turn, so that each bucket waits only for the bytes before it (a contiguous share per
+  // GPU would make the second GPU's first bucket wait for half the push).
+  const dealt = input.streaming === true && input.broadcast && !input.perRank && input.ndev > 1;
+  const perRank = input.perRank ?? (input.broadcast && !dealt ? spreadOverRanks(input.tensors, input.ndev) : [input.tensors]);
   // A quarter-size last bucket: its reload is the update's tail, overlapped by nothing.
   const cut = (ranks: TensorRef[][]) => planBuckets({ perRank: ranks, bucketBytes: size.bucketBytes, tailBucketBytes: Math.ceil(size.bucketBytes / TAIL_SPLIT) });
-  const plan = cut(perRank);
+  const inOrder = cut(perRank);
+  const plan = dealt ? { ...inOrder, owners: input.ndev, buckets: inOrder.buckets.map((b) => ({ ...b, owner: b.index % input.ndev })) } : inOrder;
   if (input.sizeFor) {
     // Slots as large and as many as the whole version's plan has.
     const whole = cut(input.broadcast ? spreadOverRanks(input.sizeFor, input.ndev) : [input.sizeFor]);

@@ -1,6 +1,7 @@
 import { describe, expect, test } from "bun:test";
 import { CeError } from "../../src/base/errors";
 import { cutCopies } from "../../src/core/pipeline";
+import { unionMs } from "../../src/core/report";
 import { ALIGN_BYTES, type Plan, planBuckets, spreadOverRanks, type TensorRef } from "../../src/core/planner";
 import { type AutoSizeInput, autoSize, fewerBuffers, planUpdate } from "../../src/core/sizing";
 import { encodeHeader, tensorBytes } from "../../src/checkpoint/safetensors";
@@ -569,6 +570,19 @@ describe("planUpdate and fewerBuffers: the one place sizes are decided", () => {
     expect(u.plan.owners).toBe(2);
   });
 
+  test("a source still arriving, broadcast: buckets in source order, owners in turn (a contiguous share would wait for half the push)", () => {
+    const ts = tensors(Array(64).fill(128 * MiB));
+    const u = planUpdate({ backend: "cuda", tensors: ts, ndev: 2, broadcast: true, freeBytes: 60 * GiB, streaming: true });
+    const starts = u.plan.buckets.map((b) => Math.min(...b.copies.map((c) => c.srcOffset)));
+    expect(starts).toEqual([...starts].sort((a, b) => a - b));
+    expect(u.plan.buckets.map((b) => b.owner)).toEqual(u.plan.buckets.map((b) => b.index % 2));
+    expect(u.plan.owners).toBe(2);
+    expect(u.plan.totalBytes).toBe(64 * 128 * MiB);
+    // Not arriving: each GPU owns a contiguous half, as before.
+    const whole = planUpdate({ backend: "cuda", tensors: ts, ndev: 2, broadcast: true, freeBytes: 60 * GiB });
+    expect(Math.min(...whole.plan.buckets[1]!.copies.map((c) => c.srcOffset))).toBeGreaterThanOrEqual(32 * 128 * MiB);
+  });
+
   test("slots and staging never outnumber the buckets", () => {
     const u = planUpdate({ backend: "cuda", tensors: tensors([MiB]), ndev: 2, broadcast: true, freeBytes: 60 * GiB });
     expect(u.plan.buckets).toHaveLength(1);
@@ -617,5 +631,12 @@ describe("cutCopies: a streaming bucket's H2D in pieces", () => {
     ]);
     expect(cutCopies(copies, 1 << 20)).toEqual([copies]);
     expect(cutCopies([], 40)).toEqual([]);
+  });
+});
+
+describe("unionMs: a bucket copied in pieces is busy while a piece copies", () => {
+  test("overlaps count once, gaps not at all", () => {
+    expect(unionMs([[0, 2], [5, 6], [1, 3], [5.5, 5.75]])).toBe(4);
+    expect(unionMs([])).toBe(0);
   });
 });
