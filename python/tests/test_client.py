@@ -342,7 +342,8 @@ class PushTest(unittest.TestCase):
                                                  **({"update": {"tensors": 8}} if version == 3 else {})})
                     self.assertEqual(len(pool._slots), 2, "one mapping per slot file, kept across pushes")
                 posts = [p for m, p in self.stand_in.paths() if p.startswith(f"/v1/pools/{name}/versions/3/")]
-                self.assertGreater(len(posts), 2, "written every ~progress_bytes while the push runs")
+                # Steps that queue up behind a post go as one: how many posts there are depends on timing.
+                self.assertGreaterEqual(len(posts), 2, "written while the push runs, then publish")
                 self.assertEqual(posts[-1], f"/v1/pools/{name}/versions/3/publish")
                 written = [b["bytes"] for m, p, b in self.stand_in.requests if p == f"/v1/pools/{name}/versions/3/written"]
                 self.assertEqual(written, sorted(written))
