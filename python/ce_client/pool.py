@@ -185,10 +185,10 @@ class _Progress:
 
     At every ~step bytes an event is recorded on each GPU that copied since the last step and
     handed to the thread, which waits for the events in order and posts the step's bytes (the
-    furthest of the steps that queued up meanwhile). The
-    trainer enqueues every copy at once, so the copies run back to back at the link's speed while
-    ce hears (a trainer that waited for one step before enqueuing the next left the link idle
-    whenever a post took longer than a step's copies: a quarter of Qwen3-8B's push on an H200).
+    furthest of the steps that queued up meanwhile). The trainer enqueues every copy at once, so
+    the copies run back to back at the link's speed while ce hears (a trainer that waited for one
+    step before enqueuing the next left the link idle whenever a post took longer than a step's
+    copies).
     CPU copies are complete when copy_ returns.
     """
 

@@ -117,9 +117,14 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
   const slotFree: Promise<void>[] = Array.from({ length: bufs.slots }, () => Promise.resolve());
   const tasks: Promise<void>[] = [];
   let prevLoads: Promise<unknown> = p.opened;
-  const partReady = async (part: Copy[]) => {
-    await p.sourceReady!(part, signal);
-    return !signal.aborted;
+  // Submits each piece once its bytes are in; false when the update was aborted meanwhile.
+  const eachPart = async (parts: Copy[][], submit: (part: Copy[]) => void) => {
+    for (const part of parts) {
+      if (p.sourceReady) await p.sourceReady(part, signal);
+      if (signal.aborted) return false;
+      submit(part);
+    }
+    return true;
   };
   for (const b of plan.buckets) {
     const slot = b.index % bufs.slots;
@@ -137,13 +142,12 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
       const s = stageNext[local]!++ % bufs.staging;
       const stage = bufs.stage[local]!;
       let after = lastStage[local]![s]!;
-      for (const part of parts) {
-        if (p.sourceReady && !(await partReady(part))) break;
+      const submitted = await eachPart(parts, (part) => {
         // Chained (CPU copies run on threads): the broadcast, after the last piece, follows them all.
         after = p.ops.add(ctx.h2d(stage, copyList(part, s * plan.slotBytes), after));
         h2dOps.push(after);
-      }
-      if (signal.aborted) break;
+      });
+      if (!submitted) break;
       bcastOp = p.ops.add(ctx.bcast(b.owner, stage, s * plan.slotBytes, bufs.ipc, slotOffset, b.bytes, after));
       lastStage[local]![s] = bcastOp;
     } else if (p.broadcast) {
@@ -151,11 +155,8 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
       bcastOp = p.ops.add(ctx.bcast(b.owner, null, 0, bufs.ipc, slotOffset, b.bytes));
     } else {
       // Straight into every device's slot; on the CPU backend the copies run on threads side by side.
-      for (const part of parts) {
-        if (p.sourceReady && !(await partReady(part))) break;
-        h2dOps.push(...devices.map((d) => p.ops.add(ctx.h2d(bufs.ipc[d]!, copyList(part, slotOffset)))));
-      }
-      if (signal.aborted) break;
+      const submitted = await eachPart(parts, (part) => h2dOps.push(...devices.map((d) => p.ops.add(ctx.h2d(bufs.ipc[d]!, copyList(part, slotOffset))))));
+      if (!submitted) break;
     }
     const ready = owned && p.sourceReady ? since(performance.now()) : undefined;
     const prev = prevLoads;
@@ -205,7 +206,7 @@ export async function runPipeline(p: PipelineInput): Promise<BucketTrace[]> {
 
 /**
  * A streaming bucket's H2D is cut into pieces of at most this many bytes, each submitted once its
- * bytes are in: the copies follow the push a piece behind, not a bucket, however large the bucket
+ * bytes are in: the copies follow the push a piece or two behind, not a bucket, however large the bucket
  * or its tensors (Qwen3-8B's embedding alone is a 1.2 GB bucket: 25 ms of push on an H200).
  */
 export const STREAM_PIECE_BYTES = 256 * 1024 ** 2;

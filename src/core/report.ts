@@ -71,7 +71,6 @@ export interface PhaseMarks {
 
 type Facts = Omit<UpdateSummary, "seconds" | "gbps" | "phases" | "stages" | "trace">;
 
-/** The summary of a finished update, from what it was and when each phase ended. */
 /** The time covered by some span (ms), overlaps counted once. */
 export function unionMs(spans: [number, number][]): number {
   let total = 0;
@@ -84,11 +83,12 @@ export function unionMs(spans: [number, number][]): number {
   return total;
 }
 
+/** The summary of a finished update, from what it was and when each phase ended. */
 export function buildSummary(facts: Facts, t: PhaseMarks, trace: BucketTrace[]): UpdateSummary {
   const seconds = (t.end - t.start) / 1000;
   const busy = (spans: ([number, number] | undefined)[]) => spans.reduce((s, x) => s + (x ? x[1] - x[0] : 0), 0) / 1000;
   // A bucket copied in pieces was busy while a piece was copying, not while it waited for bytes.
-  const h2dBusy = trace.reduce((s, b) => s + (b.pieces ? unionMs(b.pieces) : b.h2d ? b.h2d[1] - b.h2d[0] : 0), 0) / 1000;
+  const h2dBusy = trace.reduce((s, b) => s + unionMs(b.pieces ?? (b.h2d ? [b.h2d] : [])), 0) / 1000;
   return {
     ...facts,
     seconds,

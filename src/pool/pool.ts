@@ -231,11 +231,8 @@ export class Pool {
     return new Promise((resolve, reject) => {
       // An update waits once per piece: each wait takes its abort listener with it when it ends.
       const onAbort = () => reject(signal.reason);
-      const settle = <A extends unknown[]>(f: (...a: A) => void) => (...a: A) => {
-        signal.removeEventListener("abort", onAbort);
-        f(...a);
-      };
-      this.#waiters.get(version)!.push({ upto, resolve: settle(resolve), reject: settle(reject) });
+      const off = () => signal.removeEventListener("abort", onAbort);
+      this.#waiters.get(version)!.push({ upto, resolve: () => (off(), resolve()), reject: (err) => (off(), reject(err)) });
       signal.addEventListener("abort", onAbort, { once: true });
     });
   }
