@@ -9,6 +9,7 @@ also updates every engine to it.
 
 from __future__ import annotations
 
+import collections
 import os
 import queue
 import threading
@@ -184,8 +185,8 @@ class _Progress:
     """Says how many leading bytes of the slot are complete, from a thread of its own.
 
     At every ~step bytes an event is recorded on each GPU that copied since the last step and
-    handed to the thread, which waits for the events in order and posts the step's bytes (the
-    furthest of the steps that queued up meanwhile). The trainer enqueues every copy at once, so
+    handed to the thread, which waits for the events in order and posts the step's bytes (or those
+    of a later step whose copies are complete by then). The trainer enqueues every copy at once, so
     the copies run back to back at the link's speed while ce hears (a trainer that waited for one
     step before enqueuing the next left the link idle whenever a post took longer than a step's
     copies).
@@ -245,21 +246,36 @@ class _Progress:
         return events
 
     def _run(self) -> None:
-        done = False
-        while not done:
-            # Steps that queued up while a post was slow go as one post, of the furthest.
-            batch = [self.steps.get()]
-            while not self.steps.empty():
-                batch.append(self.steps.get())
-            done = batch[-1] is None
-            steps = [b for b in batch if b is not None]
-            if not steps or self.error is not None or self.aborted:
-                continue  # drain: the push stops and gives its version up
+        pending: "collections.deque[tuple]" = collections.deque()
+        closing = False
+        while pending or not closing:
+            if not pending:
+                item = self.steps.get()
+                if item is None:
+                    break
+                pending.append(item)
+            while True:  # what else queued meanwhile: the trainer enqueues faster than copies land
+                try:
+                    item = self.steps.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    pending.append(item)
+            if self.error is not None or self.aborted:
+                pending.clear()  # drain: the push stops and gives its version up
+                continue
             try:
-                for _, events in steps:
-                    for ev in events:
-                        ev.synchronize()
-                self.post(steps[-1][0])
+                end, events = pending.popleft()
+                for ev in events:
+                    ev.synchronize()
+                # Steps whose copies are done as well go in the same post, of the furthest. Only
+                # done ones: waiting for every queued step first would say nothing until the push
+                # is over, and the update would no longer follow it.
+                while pending and all(ev.query() for ev in pending[0][1]):
+                    end = pending.popleft()[0]
+                self.post(end)
             except BaseException as e:  # handed to the trainer's thread, raised there
                 self.error = e
 
