@@ -60,7 +60,10 @@ export async function poolBench(
     const pool = (await daemon.pools.create({ name: "bench", layout, slots: o.poolSlots })) as { bytes: number; tensors: number; hostBytes: number };
     log.info(`pool of ${layout.length} tensors, ${o.poolSlots} slot${o.poolSlots === 1 ? "" : "s"} of ${formatBytes(pool.bytes)} pinned; the trainer builds its state dict on ${o.trainerDevice}`);
     const py = pythonPath();
-    const proc = Bun.spawn([o.python, "-m", "ce_client.bench", "--socket", socket, "--pool", "bench", "--device", o.trainerDevice, "--repeat", String(o.repeat + 1)], {
+    // The first push into each slot registers it with the trainer's CUDA context (seconds, once):
+    // a warm-up per slot, so that the timed pushes are the RL steps that follow.
+    const warmups = o.poolSlots;
+    const proc = Bun.spawn([o.python, "-m", "ce_client.bench", "--socket", socket, "--pool", "bench", "--device", o.trainerDevice, "--repeat", String(o.repeat + warmups)], {
       stdin: "ignore",
       stdout: "pipe",
       stderr: "pipe",
@@ -73,9 +76,9 @@ export async function poolBench(
       .filter((l) => l.startsWith("{"))
       .map((l) => JSON.parse(l) as PushLine);
     for (const l of lines) {
-      log.info(`${l.version === 1 ? "warm-up" : `push ${l.version - 1}/${o.repeat}`}: push ${formatSeconds(l.push)}, then ${formatSeconds(l.tail)} until every engine serves it: ${formatSeconds(l.total)} end to end`);
+      log.info(`${l.version <= warmups ? `warm-up ${l.version}/${warmups}` : `push ${l.version - warmups}/${o.repeat}`}: push ${formatSeconds(l.push)}, then ${formatSeconds(l.tail)} until every engine serves it: ${formatSeconds(l.total)} end to end`);
     }
-    const timed = lines.slice(1);
+    const timed = lines.slice(warmups);
     const lastPush = daemon.lastUpdate;
     if (o.trace && lastPush) writeTrace(o.trace, lastPush);
     // One slot keeps no earlier version: nothing to roll back to.

@@ -47,7 +47,7 @@ export default defineCommand({
   args: {
     model: { type: "string", description: "Qwen3-0.6B, Qwen3-8B, Qwen3-30B-A3B, or a shapes file ({name,dtype,tensors:[{name,shape}]})", default: "Qwen3-0.6B", valueHint: "MODEL" },
     worker: { type: "string", description: "ref (built-in receiver) or python (torch worker that copies into its own parameters)", default: "ref", valueHint: "ref|python" },
-    repeat: { type: "string", description: "timed updates after one warm-up", default: "5", valueHint: "N" },
+    repeat: { type: "string", description: "timed updates after one warm-up (with --pool: pushes after one warm-up per slot)", default: "5", valueHint: "N" },
     verify: { type: "boolean", description: "verify every update by digests (docs/digest.md): the timed runs then include the workers' digests", default: false },
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
