@@ -41,7 +41,8 @@ static inline int32_t load_le32(const uint8_t *p) {
  * digests 6-8 GB/s from cache on a Xeon core at -O2; AVX2's vpmovsxdq makes it 20-25 GB/s, enough
  * for a thread to keep up with DRAM and leave the host's other cores to the copies a digest runs
  * beside. The loader picks the clone for the CPU it runs on. */
-#if defined(__x86_64__) && defined(__ELF__) && (defined(__clang__) || __GNUC__ >= 8)
+/* GCC 11 is the first to know the x86-64-v4 level; other compilers build the baseline loop. */
+#if defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) && __GNUC__ >= 11
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 static uint64_t digest_words(const uint8_t *q, uint64_t w0, uint64_t n) {
