@@ -51,7 +51,7 @@ export default defineCommand({
     verify: { type: "boolean", description: "verify every update by digests (docs/digest.md): the timed runs then include the workers' digests", default: false },
     "copy-register": { type: "boolean", description: "also time registration by copying into pinned memory (what a checkpoint outside /dev/shm costs)", default: true },
     broadcast: { type: "boolean", description: "use the NCCL broadcast path even on one GPU", default: false },
-    trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace (with --pool: the last push's update, with when each bucket's bytes were in)", valueHint: "FILE" },
+    trace: { type: "string", description: "write the median update's per-bucket timeline as a Chrome trace (with --pool: the last push's update, with when the pipeline had each bucket's bytes)", valueHint: "FILE" },
     pool: {
       type: "boolean",
       description: "the RL step end to end: a trainer process (Python, torch) pushes the model's state dict into a resident pool, each update streaming behind its push",

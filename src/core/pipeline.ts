@@ -23,7 +23,7 @@ export interface BucketTrace {
   bcast?: [number, number];
   /** per device: load sent → reply received */
   reload: [number, number][];
-  /** a version still being pushed: when the bucket's last source bytes were in */
+  /** a version still being pushed: when the pipeline had the bucket's last source bytes (their arrival, or later where the pipeline was behind them) */
   ready?: number;
 }
 

@@ -139,7 +139,7 @@ interface TraceEvent {
 }
 
 /** Chrome trace events: one process per device, one thread per stage; times in µs. A version
- *  still being pushed adds a "source" thread: each bucket's span ends when its last bytes were in. */
+ *  still being pushed adds a "source" thread: each bucket's span ends when the pipeline had its last bytes (at their arrival, unless it was behind). */
 export function traceEvents(s: UpdateSummary): TraceEvent[] {
   const events: TraceEvent[] = [];
   const stages = ["H2D", "broadcast", "reload", ...(s.trace.some((b) => b.ready !== undefined) ? ["source"] : [])];
